@@ -1,0 +1,84 @@
+"""The three dependency lists agree, the models/ notes exist, and the CI script parses."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    tomllib = pytest.importorskip("tomli")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+MODEL_FOLDERS = [
+    "stable_diffusion",
+    "stable_diffusion_xl",
+    "stable_diffusion_xl_turbo",
+    "AnimateDiff",
+    "ControlNet",
+    "Annotators",
+    "lora",
+    "textual_inversion",
+    "BeautifulPrompt",
+    "translator",
+    "RIFE",
+]
+
+
+def _pyproject():
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def _requirement_lines(text):
+    return sorted(line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#"))
+
+
+def test_requirements_txt_matches_pyproject():
+    runtime = sorted(_pyproject()["project"]["dependencies"])
+    assert _requirement_lines((ROOT / "requirements.txt").read_text()) == runtime
+
+
+def test_environment_yml_matches_pyproject():
+    yaml = pytest.importorskip("yaml")
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    assert env["name"] == "DiffSynthStudio"
+    assert "python=3.11" in env["dependencies"]
+    pip_section = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    assert sorted(pip_section) == sorted(_pyproject()["project"]["dependencies"])
+    assert not any("cupy" in dep for dep in pip_section)  # optional GPU extra only
+
+
+def test_transformers_stays_below_5_6():
+    (transformers,) = [d for d in _pyproject()["project"]["dependencies"] if d.startswith("transformers")]
+    assert "<5.6" in transformers
+
+
+def test_test_references_are_pinned_for_no_deps_install():
+    lines = _requirement_lines((ROOT / "requirements-test-nodeps.txt").read_text())
+    assert {line.split("==")[0] for line in lines} == {"open_clip_torch", "stable-diffusion-sdkit"}
+    assert all("==" in line for line in lines)
+
+
+def test_console_script_and_package_data():
+    project = _pyproject()
+    assert project["project"]["scripts"]["diffsynth"] == "diffsynth.cli:main"
+    assert "prompts/data/*" in project["tool"]["setuptools"]["package-data"]["diffsynth"]
+
+
+@pytest.mark.parametrize("folder", MODEL_FOLDERS)
+def test_models_folder_has_a_note(folder):
+    note = ROOT / "models" / folder / "README.md"
+    assert note.is_file()
+    assert "examples/" in note.read_text() or "WebUI" in note.read_text()
+
+
+def test_ci_script_is_valid_bash_and_installs_cpu_torch_first():
+    script = ROOT / ".ci" / "run"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    text = script.read_text()
+    assert "set -euo pipefail" in text
+    torch_at = text.index("pip install torch==2.13.0")
+    assert torch_at < text.index("pip install -e .")
