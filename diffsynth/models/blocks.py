@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .tiler import tiled_forward
+
 
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in float32 whatever the input dtype.
@@ -186,34 +188,54 @@ class SpatialTransformer(nn.Module):
             self.proj_out = nn.Conv2d(inner, channels, 1)
         self.transformer_blocks = nn.ModuleList(BasicTransformerBlock(inner, heads, dim_head, context_dim) for _ in range(depth))
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor, tile: tuple[int, int] | None = None) -> torch.Tensor:
+        """``tile=(size, stride)`` runs the transformer blocks tile by tile (in this level's cells).
+
+        Attention cost grows with the square of the pixel count; tiling bounds
+        it for very large images (the original's high-resolution path).
+        """
         b, c, h, w = x.shape
         residual = x
         x = self.norm(x)
-        if not self.use_linear:
-            x = self.proj_in(x)
-        x = x.flatten(2).transpose(1, 2)
         if self.use_linear:
+            x = self.proj_in(x.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(b, -1, h, w)
+        else:
             x = self.proj_in(x)
-        for block in self.transformer_blocks:
-            x = block(x, context)
+        if tile is None:
+            x = self._blocks(x, context)
+        else:
+            x = tiled_forward(lambda t: self._blocks(t, context), x, tile[0], tile[1])
         if self.use_linear:
-            x = self.proj_out(x)
-        x = x.transpose(1, 2).reshape(b, -1, h, w)
-        if not self.use_linear:
+            x = self.proj_out(x.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(b, -1, h, w)
+        else:
             x = self.proj_out(x)
         return x + residual
+
+    def _blocks(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """Transformer blocks over the pixels of an image-layout ``(B, C, h, w)`` tensor."""
+        b, c, h, w = x.shape
+        x = x.flatten(2).transpose(1, 2)
+        for block in self.transformer_blocks:
+            x = block(x, context)
+        return x.transpose(1, 2).reshape(b, c, h, w)
 
 
 class TimestepSequential(nn.Sequential):
     """A UNet block: layers called with the arguments each kind needs (LDM ``TimestepEmbedSequential``)."""
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor, upsample_size: tuple[int, int] | None = None):
+    def forward(
+        self,
+        x: torch.Tensor,
+        emb: torch.Tensor,
+        context: torch.Tensor,
+        upsample_size: tuple[int, int] | None = None,
+        attention_tile: tuple[int, int] | None = None,
+    ):
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
-                x = layer(x, context)
+                x = layer(x, context, attention_tile)
             elif isinstance(layer, Upsample):
                 x = layer(x, upsample_size)
             else:

@@ -138,24 +138,26 @@ class SDUNet(nn.Module):
         y: torch.Tensor | None = None,
         down_residuals: list[torch.Tensor] | None = None,
         mid_residual: torch.Tensor | None = None,
+        attention_tile: tuple[int, int] | None = None,
     ) -> torch.Tensor:
+        """``attention_tile=(size, stride)`` tiles the attention layers (see ``SpatialTransformer``)."""
         emb = self.time_embedding(torch.as_tensor(timestep), x.shape[0], y)
         context = context.to(x.dtype)
         skips = []
         h = x
         for block in self.input_blocks:
-            h = block(h, emb, context)
+            h = block(h, emb, context, attention_tile=attention_tile)
             skips.append(h)
         if down_residuals is not None:
             if len(down_residuals) != len(skips):
                 raise ValueError(f"got {len(down_residuals)} ControlNet down residuals, the UNet has {len(skips)} skip connections")
             skips = [s + r.to(s.dtype) for s, r in zip(skips, down_residuals)]
-        h = self.middle_block(h, emb, context)
+        h = self.middle_block(h, emb, context, attention_tile=attention_tile)
         if mid_residual is not None:
             h = h + mid_residual.to(h.dtype)
         for block in self.output_blocks:
             h = torch.cat([h, skips.pop()], dim=1)
-            h = block(h, emb, context, upsample_size=skips[-1].shape[-2:] if skips else None)
+            h = block(h, emb, context, upsample_size=skips[-1].shape[-2:] if skips else None, attention_tile=attention_tile)
         return self.out(h)
 
 
