@@ -1,0 +1,20 @@
+"""Networks, checkpoint conversion, detection and the model manager."""
+from .errors import ModelFileError
+from .model_manager import ModelManager
+from .sd_text_encoder import CLIPTextConfig, SDTextEncoder
+from .sd_unet import SDUNet, SDUNetConfig
+from .sd_vae import SDVAEConfig, SDVAEDecoder, SDVAEEncoder
+from .state_dict import load_state_dict
+
+__all__ = [
+    "CLIPTextConfig",
+    "ModelFileError",
+    "ModelManager",
+    "SDTextEncoder",
+    "SDUNet",
+    "SDUNetConfig",
+    "SDVAEConfig",
+    "SDVAEDecoder",
+    "SDVAEEncoder",
+    "load_state_dict",
+]

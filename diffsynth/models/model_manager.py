@@ -1,0 +1,301 @@
+"""``ModelManager``: find out what each model file is, load it, hold the models.
+
+API-compatible with DiffSynth-Studio's manager (``load_models``,
+``load_textual_inversions``, ``get_model_with_model_path``, ``to``, attribute
+access ``mm.unet``), with its traps fixed: files are recognised by fingerprint
+(keys and shapes, never names), unknown files raise instead of being ignored,
+the caller's ``lora_alphas`` list is not consumed, text-encoder LoRA is
+applied, textual inversions may be loaded before or after the checkpoint, and
+pickles are read with ``weights_only=True``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from . import convert
+from .detect import Fingerprint, detect
+from .errors import ModelFileError
+from .loading import infer_config, instantiate
+from .lora import apply_lora, load_lora
+from .sd_text_encoder import SDTextEncoder, infer_clip_text_config
+from .sd_unet import SDUNet, infer_unet_config
+from .sd_vae import SDVAEDecoder, SDVAEEncoder, infer_vae_config
+from .state_dict import load_state_dict, read_header
+from .textual_inversion import load_textual_inversions
+
+logger = logging.getLogger("diffsynth")
+
+SD_COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+
+_DIFFUSERS_WEIGHT_NAMES = (
+    "diffusion_pytorch_model.safetensors",
+    "diffusion_pytorch_model.fp16.safetensors",
+    "model.safetensors",
+    "model.fp16.safetensors",
+    "diffusion_pytorch_model.bin",
+    "diffusion_pytorch_model.fp16.bin",
+    "pytorch_model.bin",
+    "pytorch_model.fp16.bin",
+)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device: str | torch.device) -> torch.dtype:
+    """fp16 on CUDA (as DiffSynth-Studio), fp32 elsewhere (fp16 convolutions are slow or missing on CPUs)."""
+    return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def read_keys(path: str) -> list[str]:
+    """Tensor names of a model file, reading only its header where the format allows."""
+    return list(read_header(path))
+
+
+class ModelManager:
+    """Loads model files and keeps the models by component name.
+
+    ``torch_dtype``/``device`` default to fp16 on CUDA when a GPU is present and
+    fp32 on the CPU otherwise. Loaded models live in ``self.model`` and are
+    reachable as attributes (``mm.unet``); ``self.model_path`` records where
+    each came from.
+    """
+
+    def __init__(self, torch_dtype: torch.dtype | None = None, device: str | torch.device | None = None):
+        self.device = str(device) if device is not None else default_device()
+        self.torch_dtype = torch_dtype if torch_dtype is not None else default_dtype(self.device)
+        self.model: dict[str, Any] = {}
+        self.model_path: dict[str, Any] = {}
+        self.textual_inversion_dict: dict[str, torch.Tensor] = {}
+        self.textual_inversion_ids: dict[str, list[int]] = {}
+
+    # ------------------------------------------------------------------ access
+    def __getattr__(self, name: str) -> Any:
+        model = self.__dict__.get("model")
+        if model is not None and name in model:
+            return model[name]
+        raise AttributeError(f"ModelManager has no model or attribute {name!r}; loaded components: {sorted(model or {})}")
+
+    def has(self, name: str) -> bool:
+        return name in self.model
+
+    # ------------------------------------------------------------------ loading
+    def load_models(self, file_path_list: Iterable[str], lora_alphas: Iterable[float] | None = None) -> None:
+        """Load each file in order. LoRA files take their strengths from ``lora_alphas`` in order.
+
+        The list is read, never consumed: a saved config keeps its alphas.
+        """
+        alphas = list(lora_alphas or [])
+        paths = list(file_path_list)
+        n_lora = 0
+        for path in paths:
+            kind = self.identify(path)
+            if kind.family == "lora":
+                if n_lora >= len(alphas):
+                    raise ValueError(f"no strength for LoRA file {path}: lora_alphas has {len(alphas)} entries; give one alpha per LoRA file, in order")
+                self.load_lora(path, alphas[n_lora])
+                n_lora += 1
+            else:
+                self.load_model(path)
+        if len(alphas) > n_lora:
+            raise ValueError(f"lora_alphas has {len(alphas)} entries but the model list holds {n_lora} LoRA file(s); give one alpha per LoRA file")
+
+    def identify(self, path: str) -> Fingerprint:
+        """The detected kind of a model file or diffusers folder."""
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"model file not found: {path}. Put it there (see models/README.md for where each file comes from) or fix the path.")
+        if os.path.isdir(path):
+            return Fingerprint("diffusers_folder", "diffusers model folder", required=())
+        return detect(read_keys(path), source=path)
+
+    def load_model(self, file_path: str, components: Iterable[str] | None = None, lora_alpha: float = 1.0) -> None:
+        """Load one file or folder; its kind is detected from its contents."""
+        kind = self.identify(file_path)
+        if not kind.supported:
+            raise ModelFileError(file_path, f"is a {kind.description}.", kind.note)
+        loader = {
+            "sd1_checkpoint": self._load_sd1_checkpoint,
+            "vae": self._load_vae_ldm,
+            "vae_diffusers": self._load_vae_diffusers_file,
+            "unet_diffusers": self._load_unet_diffusers_file,
+            "clip_text": self._load_clip_text_file,
+            "diffusers_folder": self._load_diffusers_folder,
+        }.get(kind.family)
+        if kind.family == "lora":
+            self.load_lora(file_path, lora_alpha)
+            return
+        if kind.family == "textual_inversion":
+            raise ModelFileError(
+                file_path,
+                "is a textual inversion embedding, not a model.",
+                "Put it in a folder and load it with load_textual_inversions(folder) (config: models.textual_inversion_folder).",
+            )
+        if loader is None:
+            raise ModelFileError(file_path, f"is a {kind.description}, which this program cannot load yet.", "Remove it from the model list.")
+        loader(file_path, set(components) if components is not None else None)
+
+    def load_lora(self, file_path: str, alpha: float = 1.0) -> None:
+        if "unet" not in self.model:
+            raise ValueError(f"cannot apply LoRA {file_path}: load a Stable Diffusion checkpoint first (list it before the LoRA files)")
+        lora = load_lora(file_path)
+        unet = self.model["unet"]
+        apply_lora(
+            lora,
+            unet=unet,
+            text_encoder=self.model.get("text_encoder"),
+            strength=alpha,
+            unet_module_map=convert.unet_module_map(unet.config),
+        )
+        self.model_path.setdefault("lora", []).append(file_path)
+
+    def load_textual_inversions(self, folder_path: str) -> None:
+        """Read every embedding in ``folder_path``; usable in prompts by file stem."""
+        text_encoder = self.model.get("text_encoder")
+        width = text_encoder.config.hidden_size if text_encoder is not None else None
+        self.textual_inversion_dict = load_textual_inversions(folder_path, expected_dim=width)
+        self.textual_inversion_ids = {}
+        if "text_encoder" in self.model:
+            self._apply_textual_inversions(self.model["text_encoder"])
+
+    def _apply_textual_inversions(self, text_encoder: SDTextEncoder) -> None:
+        self.textual_inversion_ids = {kw: text_encoder.add_token_embeddings(vec) for kw, vec in self.textual_inversion_dict.items()}
+
+    # ------------------------------------------------------------------ per kind
+    def _put(self, name: str, model: nn.Module, path: str) -> None:
+        self.model[name] = model
+        self.model_path[name] = path
+        if name == "text_encoder" and self.textual_inversion_dict:
+            self._apply_textual_inversions(model)
+
+    def _build_unet(self, sd: dict, path: str) -> SDUNet:
+        config = infer_config(infer_unet_config, sd, source=path, what="SD 1.x UNet")
+        return instantiate(lambda: SDUNet(config), sd, source=path, what="SD 1.x UNet", device=self.device, dtype=self.torch_dtype)
+
+    def _build_vae(self, sd: dict, path: str, components: set[str] | None, config=None) -> None:
+        """VAE encoder/decoder from an LDM-layout dict; ``config`` (e.g. from a diffusers config.json) carries the scaling factor."""
+        if config is None:
+            config = infer_config(infer_vae_config, sd, source=path, what="VAE")
+        if (components is None or "vae_encoder" in components) and "encoder.conv_in.weight" in sd:
+            enc = {k: v for k, v in sd.items() if k.startswith(("encoder.", "quant_conv."))}
+            self._put("vae_encoder", instantiate(lambda: SDVAEEncoder(config), enc, source=path, what="VAE encoder", device=self.device, dtype=self.torch_dtype), path)
+        if (components is None or "vae_decoder" in components) and "decoder.conv_in.weight" in sd:
+            dec = {k: v for k, v in sd.items() if k.startswith(("decoder.", "post_quant_conv."))}
+            self._put("vae_decoder", instantiate(lambda: SDVAEDecoder(config), dec, source=path, what="VAE decoder", device=self.device, dtype=self.torch_dtype), path)
+
+    def _build_text_encoder(self, sd: dict, path: str) -> SDTextEncoder:
+        config = infer_config(infer_clip_text_config, sd, source=path, what="CLIP text encoder")
+        return instantiate(lambda: SDTextEncoder(config), sd, source=path, what="CLIP text encoder", device=self.device, dtype=self.torch_dtype)
+
+    def _load_sd1_checkpoint(self, path: str, components: set[str] | None) -> None:
+        parts = convert.split_ldm_checkpoint(load_state_dict(path, self.torch_dtype), source=path)
+        wanted = set(SD_COMPONENTS) if components is None else components
+        if "unet" in wanted:
+            self._put("unet", self._build_unet(parts["unet"], path), path)
+        if wanted & {"vae_encoder", "vae_decoder"}:
+            if parts.get("vae"):
+                self._build_vae(parts["vae"], path, wanted)
+            else:
+                logger.warning("%s holds no VAE; add a VAE file to the model list", path)
+        if "text_encoder" in wanted:
+            if parts.get("text_encoder"):
+                self._put("text_encoder", self._build_text_encoder(parts["text_encoder"], path), path)
+            else:
+                logger.warning("%s holds no text encoder", path)
+
+    def _load_vae_ldm(self, path: str, components: set[str] | None) -> None:
+        sd = load_state_dict(path, self.torch_dtype)
+        sd = {k.removeprefix("first_stage_model."): v for k, v in sd.items() if not k.startswith(("loss.", "model_ema."))}
+        self._build_vae(convert.fit_ldm_vae_attention(sd, source=path), path, components)
+
+    def _load_vae_diffusers_file(self, path: str, components: set[str] | None, config_json: dict | None = None) -> None:
+        sd = load_state_dict(path, self.torch_dtype)
+        config = convert.vae_config_from_diffusers(config_json, source=path) if config_json else None
+        self._build_vae(convert.convert_vae_from_diffusers(sd, config, source=path), path, components, config)
+
+    def _load_unet_diffusers_file(self, path: str, components: set[str] | None, config_json: dict | None = None) -> None:
+        if config_json is None:
+            config_json = _read_json(os.path.join(os.path.dirname(path), "config.json"), path)
+        config = convert.unet_config_from_diffusers(config_json, source=path)
+        sd = convert.convert_unet_from_diffusers(load_state_dict(path, self.torch_dtype), config, source=path)
+        self._put("unet", instantiate(lambda: SDUNet(config), sd, source=path, what="SD 1.x UNet", device=self.device, dtype=self.torch_dtype), path)
+
+    def _load_clip_text_file(self, path: str, components: set[str] | None) -> None:
+        sd = convert.convert_clip_text_from_hf(load_state_dict(path, self.torch_dtype))
+        self._put("text_encoder", self._build_text_encoder(sd, path), path)
+
+    def _load_diffusers_folder(self, path: str, components: set[str] | None) -> None:
+        """A diffusers pipeline folder (``unet/``, ``vae/``, ``text_encoder/``) or one component folder."""
+        subfolders = {"unet": "unet", "vae": "vae", "text_encoder": "text_encoder"}
+        present = {name: os.path.join(path, sub) for name, sub in subfolders.items() if os.path.isdir(os.path.join(path, sub))}
+        if not present:
+            if os.path.isfile(os.path.join(path, "config.json")):
+                present = {_component_of_config(_read_json(os.path.join(path, "config.json"), path), path): path}
+            else:
+                raise ModelFileError(
+                    path, "is a folder but not a diffusers model folder (no unet/, vae/ or text_encoder/ sub-folder, no config.json).", "Point to the checkpoint file or the diffusers folder itself."
+                )
+        for name, folder in present.items():
+            weights = _find_weights(folder)
+            config_json = _read_json(os.path.join(folder, "config.json"), folder)
+            if name == "unet" and (components is None or "unet" in components):
+                self._load_unet_diffusers_file(weights, components, config_json)
+            elif name == "vae" and (components is None or components & {"vae_encoder", "vae_decoder"}):
+                self._load_vae_diffusers_file(weights, components, config_json)
+            elif name == "text_encoder" and (components is None or "text_encoder" in components):
+                self._load_clip_text_file(weights, components)
+
+    # ------------------------------------------------------------------ misc API
+    def get_model_with_model_path(self, model_path: str) -> Any:
+        """The model loaded from ``model_path`` (single components first, then list entries)."""
+        target = _same_path_key(model_path)
+        for name, path in self.model_path.items():
+            paths = path if isinstance(path, list) else [path]
+            models = self.model[name] if isinstance(self.model.get(name), list) else [self.model.get(name)] * len(paths)
+            for p, m in zip(paths, models):
+                if m is not None and _same_path_key(p) == target:
+                    return m
+        raise ValueError(f"no model was loaded from {model_path}; load it with load_models([...]) before you use it (loaded: {self.model_path})")
+
+    def to(self, device: str | torch.device) -> "ModelManager":
+        for value in self.model.values():
+            for m in value if isinstance(value, list) else [value]:
+                if isinstance(m, nn.Module):
+                    m.to(device)
+        self.device = str(device)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return self
+
+
+def _same_path_key(path: str) -> str:
+    return os.path.normcase(os.path.realpath(os.path.abspath(path)))
+
+
+def _read_json(path: str, source: str) -> dict:
+    if not os.path.isfile(path):
+        raise ModelFileError(source, f"has no {os.path.basename(path)} next to its weights.", "Copy the whole diffusers folder, including its config.json files.")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _find_weights(folder: str) -> str:
+    for name in _DIFFUSERS_WEIGHT_NAMES:
+        p = os.path.join(folder, name)
+        if os.path.isfile(p):
+            return p
+    raise ModelFileError(folder, "holds no weight file.", f"Expected one of: {', '.join(_DIFFUSERS_WEIGHT_NAMES)}.")
+
+
+def _component_of_config(config_json: dict, source: str) -> str:
+    cls = config_json.get("_class_name") or (config_json.get("architectures") or [None])[0]
+    table = {"UNet2DConditionModel": "unet", "AutoencoderKL": "vae", "CLIPTextModel": "text_encoder"}
+    if cls not in table:
+        raise ModelFileError(source, f"is a diffusers/transformers folder of class {cls!r}.", f"Supported component classes: {', '.join(table)}.")
+    return table[cls]

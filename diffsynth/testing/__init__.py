@@ -1,0 +1,1 @@
+"""Tiny random-weight model files in real formats, for tests and ``diffsynth demo``."""
