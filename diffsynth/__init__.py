@@ -1,2 +1,13 @@
-"""DiffSynth Studio, disk-cache edition."""
+"""DiffSynth Studio, disk-cache edition.
+
+``from diffsynth import ModelManager, SDImagePipeline, ...`` as in DiffSynth-Studio.
+"""
+from .models import *  # noqa: F401,F403  (the original's public names)
+from .models import __all__ as _models_all
+from .pipelines import SDImagePipeline
+from .progress import ProgressEvent
+from .prompts import SDPrompter, tokenize_long_prompt
+from .schedulers import EnhancedDDIMScheduler
+
 __version__ = "0.1.0"
+__all__ = [*_models_all, "SDImagePipeline", "ProgressEvent", "SDPrompter", "tokenize_long_prompt", "EnhancedDDIMScheduler"]

@@ -1,0 +1,173 @@
+"""``SDImagePipeline``: Stable Diffusion 1.x text-to-image and image-to-image.
+
+Semantics follow DiffSynth-Studio so a seed gives the same image: DDIM with the
+``EnhancedDDIMScheduler`` timesteps, initial noise ``randn(1,4,h,w)`` drawn on the
+CPU from the global RNG (or a given generator) — for img2img after the VAE
+encode —, classifier-free guidance as two UNet passes
+``ε = ε_neg + cfg·(ε_pos − ε_neg)``, and decoding
+``uint8(clip(x/2 + 0.5, 0, 1)·255)`` (truncation).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from ..models.model_manager import ModelManager
+from ..progress import ProgressCallback, track
+from ..prompts import SDPrompter
+from ..schedulers import EnhancedDDIMScheduler
+
+LATENT_FACTOR = 8
+
+
+def check_size(height: int, width: int, multiple: int = LATENT_FACTOR) -> None:
+    """Raise a ``ValueError`` naming the nearest valid size unless both sides are positive multiples of ``multiple``."""
+    for name, value in (("height", height), ("width", width)):
+        if not isinstance(value, (int, np.integer)) or value <= 0 or value % multiple:
+            nearest = max(multiple, int(round(float(value) / multiple)) * multiple) if isinstance(value, (int, float, np.integer)) else multiple
+            raise ValueError(f"{name} must be a positive multiple of {multiple}, got {value!r}; nearest valid: {nearest}")
+
+
+def preprocess_image(image: Image.Image) -> torch.Tensor:
+    """PIL RGB → ``(1, 3, H, W)`` float32 in [-1, 1] (``x·2/255 − 1``)."""
+    array = np.asarray(image.convert("RGB"), dtype=np.float32)
+    return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0) * (2 / 255) - 1
+
+
+def tensor_to_images(x: torch.Tensor) -> list[Image.Image]:
+    """``(B, 3, H, W)`` in [-1, 1] → PIL images, ``uint8(clip(x/2+0.5)·255)`` (truncation, as the original)."""
+    x = ((x.float() / 2 + 0.5).clamp(0, 1) * 255).permute(0, 2, 3, 1).cpu().numpy().astype(np.uint8)
+    return [Image.fromarray(a) for a in x]
+
+
+def draw_noise(shape: tuple[int, ...], generator: torch.Generator | None = None) -> torch.Tensor:
+    """Standard normal noise drawn on the CPU in fp32, so a seed means the same noise on every device."""
+    return torch.randn(shape, generator=generator, dtype=torch.float32, device="cpu")
+
+
+class SDImagePipeline:
+    """Text-to-image / image-to-image with an SD 1.x model set from a ``ModelManager``."""
+
+    def __init__(self, device: str | torch.device = "cpu", torch_dtype: torch.dtype = torch.float32):
+        self.device = torch.device(device)
+        self.torch_dtype = torch_dtype
+        self.scheduler = EnhancedDDIMScheduler()
+        self.prompter = SDPrompter()
+        self.text_encoder = None
+        self.unet = None
+        self.vae_decoder = None
+        self.vae_encoder = None
+        self.controlnet = None
+
+    @staticmethod
+    def from_model_manager(model_manager: ModelManager, controlnet_config_units=()) -> "SDImagePipeline":
+        if controlnet_config_units:
+            raise NotImplementedError("ControlNet units are not supported by this version of SDImagePipeline yet; pass no controlnet_config_units")
+        pipe = SDImagePipeline(device=model_manager.device, torch_dtype=model_manager.torch_dtype)
+        pipe.fetch_main_models(model_manager)
+        pipe.fetch_prompter(model_manager)
+        return pipe
+
+    def fetch_main_models(self, model_manager: ModelManager) -> None:
+        missing = [name for name in ("text_encoder", "unet", "vae_decoder") if not model_manager.has(name)]
+        if missing:
+            raise ValueError(
+                f"the model manager lacks {', '.join(missing)}: load a Stable Diffusion 1.x checkpoint "
+                f"(and a VAE file if the checkpoint has none) before building the pipeline"
+            )
+        self.text_encoder = model_manager.text_encoder
+        self.unet = model_manager.unet
+        self.vae_decoder = model_manager.vae_decoder
+        self.vae_encoder = model_manager.model.get("vae_encoder")
+
+    def fetch_prompter(self, model_manager: ModelManager) -> None:
+        for keyword, vectors in model_manager.textual_inversion_dict.items():
+            ids = self.prompter.add_textual_inversion(keyword, vectors.shape[0])
+            expected = model_manager.textual_inversion_ids.get(keyword)
+            if expected is not None and list(ids) != list(expected):
+                raise RuntimeError(
+                    f"textual inversion {keyword!r}: tokenizer ids {ids} differ from the text encoder rows {expected}; "
+                    "load textual inversions into a fresh ModelManager"
+                )
+
+    # ------------------------------------------------------------------ pieces
+    def encode_image(self, image: Image.Image, tiled: bool = False, tile_size: int = 64, tile_stride: int = 32) -> torch.Tensor:
+        if self.vae_encoder is None:
+            raise ValueError("img2img needs a VAE encoder, and the loaded checkpoint/VAE has none")
+        x = preprocess_image(image).to(self.device, self.vae_encoder.dtype)
+        return self.vae_encoder(x, tiled=tiled, tile_size=tile_size, tile_stride=tile_stride).to(self.torch_dtype)
+
+    def decode_image(self, latents: torch.Tensor, tiled: bool = False, tile_size: int = 64, tile_stride: int = 32) -> Image.Image:
+        image = self.vae_decoder(latents.to(self.device), tiled=tiled, tile_size=tile_size, tile_stride=tile_stride)
+        return tensor_to_images(image)[0]
+
+    def predict_noise(self, latents, timestep, prompt_emb, tiled: bool, tile_size: int, tile_stride: int) -> torch.Tensor:
+        tile = (tile_size, tile_stride) if tiled else None
+        return self.unet(latents, timestep, prompt_emb, attention_tile=tile)
+
+    # ------------------------------------------------------------------ call
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str,
+        negative_prompt: str = "",
+        cfg_scale: float = 7.5,
+        clip_skip: int = 1,
+        input_image: Image.Image | None = None,
+        controlnet_image: Image.Image | None = None,
+        denoising_strength: float = 1.0,
+        height: int = 512,
+        width: int = 512,
+        num_inference_steps: int = 20,
+        tiled: bool = False,
+        tile_size: int = 64,
+        tile_stride: int = 32,
+        progress_bar_cmd: Callable | None = tqdm,
+        progress_bar_st=None,
+        progress_callback: ProgressCallback | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Image.Image:
+        """Render one image. ``progress_bar_st`` is accepted for compatibility; UIs pass ``progress_callback``."""
+        check_size(height, width)
+        if controlnet_image is not None:
+            raise NotImplementedError("controlnet_image needs ControlNet units, which this version of SDImagePipeline does not support yet")
+        if not 0 < denoising_strength <= 1:
+            raise ValueError(f"denoising_strength must be in (0, 1], got {denoising_strength}")
+        self.scheduler.set_timesteps(num_inference_steps, denoising_strength)
+        shape = (1, 4, height // LATENT_FACTOR, width // LATENT_FACTOR)
+
+        if input_image is not None:
+            if input_image.size != (width, height):
+                raise ValueError(
+                    f"input_image is {input_image.size[0]}x{input_image.size[1]} but width x height is {width}x{height}; "
+                    "resize the image or pass its size"
+                )
+            latents = self.encode_image(input_image, tiled, tile_size, tile_stride)
+            noise = draw_noise(shape, generator).to(self.device, self.torch_dtype)
+            latents = self.scheduler.add_noise(latents, noise, self.scheduler.timesteps[0])
+        else:
+            latents = draw_noise(shape, generator).to(self.device, self.torch_dtype)
+
+        prompt_emb_posi = self.prompter.encode_prompt(self.text_encoder, prompt, clip_skip=clip_skip, device=self.device, positive=True)
+        prompt_emb_nega = None
+        if cfg_scale != 1.0:
+            prompt_emb_nega = self.prompter.encode_prompt(self.text_encoder, negative_prompt, clip_skip=clip_skip, device=self.device, positive=False)
+
+        timesteps = self.scheduler.timesteps
+        for timestep in track(timesteps, "denoising", len(timesteps), progress_bar_cmd, progress_callback):
+            t = timestep.to(self.device)
+            noise_posi = self.predict_noise(latents, t, prompt_emb_posi, tiled, tile_size, tile_stride)
+            if prompt_emb_nega is not None:
+                noise_nega = self.predict_noise(latents, t, prompt_emb_nega, tiled, tile_size, tile_stride)
+                noise_pred = noise_nega + cfg_scale * (noise_posi - noise_nega)
+            else:
+                noise_pred = noise_posi
+            latents = self.scheduler.step(noise_pred, timestep, latents)
+            if progress_bar_st is not None:
+                progress_bar_st.progress(float((timesteps == timestep).nonzero()[0, 0] + 1) / len(timesteps))
+
+        return self.decode_image(latents, tiled, tile_size, tile_stride)
