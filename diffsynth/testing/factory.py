@@ -8,6 +8,9 @@ CLIP heads, the full 49408-token CLIP vocabulary).
 
 Weights use fan-in scaling so that every path carries signal (with tiny
 embedding weights a swapped sin/cos in the time embedding changed no pixel).
+The UNet has 64 channels at its first level: with 32 channels and the family's
+32 norm groups every GroupNorm would normalise single channels and erase the
+time embedding's per-channel shift there.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ from ..models.sd_unet import SDUNet, SDUNetConfig
 from ..models.sd_vae import SDVAEConfig, SDVAEDecoder, SDVAEEncoder
 from ..utils.atomic import atomic_save_safetensors, atomic_torch_save, atomic_write_text
 
-TINY_UNET = SDUNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, transformer_depth=(1, 0), context_dim=128)
+TINY_UNET = SDUNetConfig(model_channels=64, channel_mult=(1, 2), num_res_blocks=1, transformer_depth=(1, 0), context_dim=128)
 TINY_VAE = SDVAEConfig(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1)
 TINY_TEXT = CLIPTextConfig(hidden_size=128, num_layers=2, intermediate_size=256)
 
