@@ -2,6 +2,7 @@
 
 ``from diffsynth import ModelManager, SDImagePipeline, ...`` as in DiffSynth-Studio.
 """
+from .controlnets import Annotator, ControlNetConfigUnit, ControlNetUnit, MultiControlNetManager
 from .models import *  # noqa: F401,F403  (the original's public names)
 from .models import __all__ as _models_all
 from .pipelines import SDImagePipeline
@@ -10,4 +11,4 @@ from .prompts import SDPrompter, tokenize_long_prompt
 from .schedulers import EnhancedDDIMScheduler
 
 __version__ = "0.1.0"
-__all__ = [*_models_all, "SDImagePipeline", "ProgressEvent", "SDPrompter", "tokenize_long_prompt", "EnhancedDDIMScheduler"]
+__all__ = [*_models_all, "Annotator", "ControlNetConfigUnit", "ControlNetUnit", "MultiControlNetManager", "SDImagePipeline", "ProgressEvent", "SDPrompter", "tokenize_long_prompt", "EnhancedDDIMScheduler"]

@@ -91,9 +91,15 @@ def test_fingerprints_do_not_collide(tmp_path):
         "lora": factory.write_lora(str(tmp_path / "l.safetensors")),
         "textual_inversion": factory.write_textual_inversion(str(tmp_path / "ti.pt")),
     }
+    from diffsynth.testing.controlnet_files import write_controlnet
+
+    files["controlnet"] = write_controlnet(str(tmp_path / "cn.pth"))
+    cn_folder = write_controlnet(str(tmp_path / "cn_diffusers"), layout="diffusers")
+    files["controlnet_diffusers"] = os.path.join(cn_folder, "diffusion_pytorch_model.safetensors")
     folder = factory.write_diffusers_folder(str(tmp_path / "d"))
     files["unet_diffusers"] = os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors")
     files["clip_text"] = os.path.join(folder, "text_encoder", "model.safetensors")
+    assert set(files) == {f.family for f in FINGERPRINTS if f.supported}
     for family, path in files.items():
         keys = list(read_header(path))
         hits = [f.family for f in FINGERPRINTS if f.matches(keys)]

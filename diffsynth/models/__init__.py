@@ -1,6 +1,7 @@
 """Networks, checkpoint conversion, detection and the model manager."""
 from .errors import ModelFileError
 from .model_manager import ModelManager
+from .sd_controlnet import ControlNetConfig, SDControlNet
 from .sd_text_encoder import CLIPTextConfig, SDTextEncoder
 from .sd_unet import SDUNet, SDUNetConfig
 from .sd_vae import SDVAEConfig, SDVAEDecoder, SDVAEEncoder
@@ -8,6 +9,8 @@ from .state_dict import load_state_dict
 
 __all__ = [
     "CLIPTextConfig",
+    "ControlNetConfig",
+    "SDControlNet",
     "ModelFileError",
     "ModelManager",
     "SDTextEncoder",

@@ -39,7 +39,7 @@ FINGERPRINTS: tuple[Fingerprint, ...] = (
         "sd1_checkpoint",
         "Stable Diffusion 1.x checkpoint (single file: UNet, and usually VAE and CLIP text encoder)",
         required=(_SD_UNET,),
-        forbidden=(r"^conditioner\.", r"^cond_stage_model\.model\.", r"^model\.diffusion_model\.label_emb\."),
+        forbidden=(r"^conditioner\.", r"^cond_stage_model\.model\.", r"^model\.diffusion_model\.label_emb\.", r"^control_model\."),
     ),
     Fingerprint(
         "sd2_checkpoint",
@@ -85,6 +85,16 @@ FINGERPRINTS: tuple[Fingerprint, ...] = (
         "CLIP text encoder (Hugging Face layout)",
         required=(r"^(text_model\.)?embeddings\.token_embedding\.weight$", r"^(text_model\.)?encoder\.layers\.0\.self_attn\.q_proj\.weight$"),
         forbidden=(r"^cond_stage_model\.", r"^conditioner\."),
+    ),
+    Fingerprint(
+        "controlnet",
+        "ControlNet (v1.x layout, e.g. lllyasviel's control_v11*.pth)",
+        required=(r"^(control_model\.)?input_hint_block\.0\.weight$",),
+    ),
+    Fingerprint(
+        "controlnet_diffusers",
+        "ControlNet (diffusers layout)",
+        required=(r"^controlnet_cond_embedding\.conv_in\.weight$",),
     ),
     Fingerprint(
         "lora",

@@ -21,8 +21,10 @@ from torch import nn
 from . import convert
 from .detect import Fingerprint, detect
 from .errors import ModelFileError
+from .convert_controlnet import controlnet_config_from_diffusers, convert_controlnet_from_diffusers, split_controlnet_checkpoint
 from .loading import infer_config, instantiate
 from .lora import apply_lora, load_lora
+from .sd_controlnet import SDControlNet, infer_controlnet_config
 from .sd_text_encoder import SDTextEncoder, infer_clip_text_config
 from .sd_unet import SDUNet, infer_unet_config
 from .sd_vae import SDVAEDecoder, SDVAEEncoder, infer_vae_config
@@ -126,6 +128,8 @@ class ModelManager:
             "vae_diffusers": self._load_vae_diffusers_file,
             "unet_diffusers": self._load_unet_diffusers_file,
             "clip_text": self._load_clip_text_file,
+            "controlnet": self._load_controlnet,
+            "controlnet_diffusers": self._load_controlnet_diffusers_file,
             "diffusers_folder": self._load_diffusers_folder,
         }.get(kind.family)
         if kind.family == "lora":
@@ -226,6 +230,22 @@ class ModelManager:
         sd = convert.convert_unet_from_diffusers(load_state_dict(path, self.torch_dtype), config, source=path)
         self._put("unet", instantiate(lambda: SDUNet(config), sd, source=path, what="SD 1.x UNet", device=self.device, dtype=self.torch_dtype), path)
 
+    def _add_controlnet(self, sd: dict, config, path: str) -> None:
+        model = instantiate(lambda: SDControlNet(config), sd, source=path, what="ControlNet", device=self.device, dtype=self.torch_dtype)
+        self.model.setdefault("controlnet", []).append(model)
+        self.model_path.setdefault("controlnet", []).append(path)
+
+    def _load_controlnet(self, path: str, components: set[str] | None) -> None:
+        sd = split_controlnet_checkpoint(load_state_dict(path, self.torch_dtype), source=path)
+        self._add_controlnet(sd, infer_config(infer_controlnet_config, sd, source=path, what="ControlNet"), path)
+
+    def _load_controlnet_diffusers_file(self, path: str, components: set[str] | None, config_json: dict | None = None) -> None:
+        if config_json is None:
+            config_json = _read_json(os.path.join(os.path.dirname(path), "config.json"), path)
+        config = controlnet_config_from_diffusers(config_json, source=path)
+        sd = convert_controlnet_from_diffusers(load_state_dict(path, self.torch_dtype), config, source=path)
+        self._add_controlnet(sd, config, path)
+
     def _load_clip_text_file(self, path: str, components: set[str] | None) -> None:
         sd = convert.convert_clip_text_from_hf(load_state_dict(path, self.torch_dtype))
         self._put("text_encoder", self._build_text_encoder(sd, path), path)
@@ -236,7 +256,12 @@ class ModelManager:
         present = {name: os.path.join(path, sub) for name, sub in subfolders.items() if os.path.isdir(os.path.join(path, sub))}
         if not present:
             if os.path.isfile(os.path.join(path, "config.json")):
-                present = {_component_of_config(_read_json(os.path.join(path, "config.json"), path), path): path}
+                config_json = _read_json(os.path.join(path, "config.json"), path)
+                if _component_of_config(config_json, path) == "controlnet":
+                    self._load_controlnet_diffusers_file(_find_weights(path), components, config_json)
+                    self.model_path["controlnet"][-1] = path
+                    return
+                present = {_component_of_config(config_json, path): path}
             else:
                 raise ModelFileError(
                     path, "is a folder but not a diffusers model folder (no unet/, vae/ or text_encoder/ sub-folder, no config.json).", "Point to the checkpoint file or the diffusers folder itself."
@@ -295,7 +320,7 @@ def _find_weights(folder: str) -> str:
 
 def _component_of_config(config_json: dict, source: str) -> str:
     cls = config_json.get("_class_name") or (config_json.get("architectures") or [None])[0]
-    table = {"UNet2DConditionModel": "unet", "AutoencoderKL": "vae", "CLIPTextModel": "text_encoder"}
+    table = {"UNet2DConditionModel": "unet", "AutoencoderKL": "vae", "CLIPTextModel": "text_encoder", "ControlNetModel": "controlnet"}
     if cls not in table:
         raise ModelFileError(source, f"is a diffusers/transformers folder of class {cls!r}.", f"Supported component classes: {', '.join(table)}.")
     return table[cls]

@@ -9,14 +9,17 @@ encode —, classifier-free guidance as two UNet passes
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
 
+from ..controlnets import Annotator, ControlNetConfigUnit, ControlNetUnit, MultiControlNetManager
+from ..controlnets.units import fit_control_image
 from ..models.model_manager import ModelManager
+from ..models.sd_controlnet import SDControlNet
 from ..progress import ProgressCallback, track
 from ..prompts import SDPrompter
 from ..schedulers import EnhancedDDIMScheduler
@@ -64,20 +67,25 @@ class SDImagePipeline:
         self.controlnet = None
 
     @staticmethod
-    def from_model_manager(model_manager: ModelManager, controlnet_config_units=()) -> "SDImagePipeline":
-        if controlnet_config_units:
-            raise NotImplementedError("ControlNet units are not supported by this version of SDImagePipeline yet; pass no controlnet_config_units")
+    def from_model_manager(
+        model_manager: ModelManager, controlnet_config_units: Sequence[ControlNetConfigUnit] = (), annotator_folder: str = "models/Annotators"
+    ) -> "SDImagePipeline":
+        """A pipeline over the manager's models; ControlNet units need their ControlNet files loaded in the manager."""
         pipe = SDImagePipeline(device=model_manager.device, torch_dtype=model_manager.torch_dtype)
         pipe.fetch_main_models(model_manager)
         pipe.fetch_prompter(model_manager)
+        pipe.fetch_controlnet_models(model_manager, controlnet_config_units, annotator_folder)
         return pipe
+
+    def fetch_controlnet_models(self, model_manager: ModelManager, units: Sequence[ControlNetConfigUnit], annotator_folder: str) -> None:
+        self.controlnet = build_controlnet_manager(model_manager, units, annotator_folder)
 
     def fetch_main_models(self, model_manager: ModelManager) -> None:
         missing = [name for name in ("text_encoder", "unet", "vae_decoder") if not model_manager.has(name)]
         if missing:
             raise ValueError(
-                f"the model manager lacks {', '.join(missing)}: load a Stable Diffusion 1.x checkpoint "
-                f"(and a VAE file if the checkpoint has none) before building the pipeline"
+                f"the model manager lacks {', '.join(missing)} (loaded: {', '.join(sorted(model_manager.model)) or 'nothing'}): "
+                "load a Stable Diffusion 1.x checkpoint (and a VAE file if the checkpoint has none) before building the pipeline"
             )
         self.text_encoder = model_manager.text_encoder
         self.unet = model_manager.unet
@@ -105,9 +113,13 @@ class SDImagePipeline:
         image = self.vae_decoder(latents.to(self.device), tiled=tiled, tile_size=tile_size, tile_stride=tile_stride)
         return tensor_to_images(image)[0]
 
-    def predict_noise(self, latents, timestep, prompt_emb, tiled: bool, tile_size: int, tile_stride: int) -> torch.Tensor:
+    def predict_noise(self, latents, timestep, prompt_emb, conditionings, tiled: bool, tile_size: int, tile_stride: int) -> torch.Tensor:
+        """ε for ``latents``; ``conditionings`` ``(units, 1, 3, H, W)`` adds the ControlNet residuals."""
         tile = (tile_size, tile_stride) if tiled else None
-        return self.unet(latents, timestep, prompt_emb, attention_tile=tile)
+        down = mid = None
+        if conditionings is not None:
+            down, mid = self.controlnet(latents, timestep, prompt_emb, conditionings, attention_tile=tile)
+        return self.unet(latents, timestep, prompt_emb, down_residuals=down, mid_residual=mid, attention_tile=tile)
 
     # ------------------------------------------------------------------ call
     @torch.no_grad()
@@ -133,8 +145,6 @@ class SDImagePipeline:
     ) -> Image.Image:
         """Render one image. ``progress_bar_st`` is accepted for compatibility; UIs pass ``progress_callback``."""
         check_size(height, width)
-        if controlnet_image is not None:
-            raise NotImplementedError("controlnet_image needs ControlNet units, which this version of SDImagePipeline does not support yet")
         if not 0 < denoising_strength <= 1:
             raise ValueError(f"denoising_strength must be in (0, 1], got {denoising_strength}")
         self.scheduler.set_timesteps(num_inference_steps, denoising_strength)
@@ -157,12 +167,19 @@ class SDImagePipeline:
         if cfg_scale != 1.0:
             prompt_emb_nega = self.prompter.encode_prompt(self.text_encoder, negative_prompt, clip_skip=clip_skip, device=self.device, positive=False)
 
+        conditionings = None
+        if controlnet_image is not None:
+            if self.controlnet is None:
+                raise ValueError("controlnet_image was given but the pipeline has no ControlNet units; pass controlnet_config_units to from_model_manager")
+            image = fit_control_image(controlnet_image, width, height)
+            conditionings = self.controlnet.process_image(image).unsqueeze(1)
+
         timesteps = self.scheduler.timesteps
         for timestep in track(timesteps, "denoising", len(timesteps), progress_bar_cmd, progress_callback):
             t = timestep.to(self.device)
-            noise_posi = self.predict_noise(latents, t, prompt_emb_posi, tiled, tile_size, tile_stride)
+            noise_posi = self.predict_noise(latents, t, prompt_emb_posi, conditionings, tiled, tile_size, tile_stride)
             if prompt_emb_nega is not None:
-                noise_nega = self.predict_noise(latents, t, prompt_emb_nega, tiled, tile_size, tile_stride)
+                noise_nega = self.predict_noise(latents, t, prompt_emb_nega, conditionings, tiled, tile_size, tile_stride)
                 noise_pred = noise_nega + cfg_scale * (noise_posi - noise_nega)
             else:
                 noise_pred = noise_posi
@@ -171,3 +188,18 @@ class SDImagePipeline:
                 progress_bar_st.progress(float((timesteps == timestep).nonzero()[0, 0] + 1) / len(timesteps))
 
         return self.decode_image(latents, tiled, tile_size, tile_stride)
+
+
+def build_controlnet_manager(model_manager: ModelManager, units: Sequence[ControlNetConfigUnit], annotator_folder: str) -> MultiControlNetManager | None:
+    """``MultiControlNetManager`` for the config units (annotators on the manager's device, fp32), or None without units."""
+    built = []
+    for unit in units:
+        model = model_manager.get_model_with_model_path(unit.model_path)
+        if not isinstance(model, SDControlNet):
+            raise ValueError(
+                f"ControlNet unit {unit.processor_id!r}: {unit.model_path} was loaded as a {type(model).__name__}, not a ControlNet; "
+                "give the path of a ControlNet file (e.g. models/ControlNet/control_v11p_sd15_lineart.pth)"
+            )
+        annotator = Annotator(unit.processor_id, model_path=annotator_folder, device=model_manager.device)
+        built.append(ControlNetUnit(annotator, model, unit.scale))
+    return MultiControlNetManager(built) if built else None
