@@ -188,11 +188,14 @@ class SpatialTransformer(nn.Module):
             self.proj_out = nn.Conv2d(inner, channels, 1)
         self.transformer_blocks = nn.ModuleList(BasicTransformerBlock(inner, heads, dim_head, context_dim) for _ in range(depth))
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, tile: tuple[int, int] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor, tile: tuple[int, int] | None = None, cross_frame: bool = False) -> torch.Tensor:
         """``tile=(size, stride)`` runs the transformer blocks tile by tile (in this level's cells).
 
         Attention cost grows with the square of the pixel count; tiling bounds
         it for very large images (the original's high-resolution path).
+        ``cross_frame`` treats the batch's frames as one image: self-attention
+        spans all of them and the text context is their mean (the original's
+        cross-frame attention, used for consistency without motion modules).
         """
         b, c, h, w = x.shape
         residual = x
@@ -201,7 +204,13 @@ class SpatialTransformer(nn.Module):
             x = self.proj_in(x.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(b, -1, h, w)
         else:
             x = self.proj_in(x)
-        if tile is None:
+        if cross_frame and b > 1:
+            # frames side by side: one (1, inner, h, b*w) image attending across all frames
+            wide = x.reshape(b, -1, h, w).permute(1, 2, 0, 3).reshape(1, -1, h, b * w)
+            ctx = context.mean(dim=0, keepdim=True) if context.shape[0] > 1 else context
+            wide = self._blocks(wide, ctx) if tile is None else tiled_forward(lambda t: self._blocks(t, ctx), wide, tile[0], tile[1])
+            x = wide.reshape(-1, h, b, w).permute(2, 0, 1, 3)
+        elif tile is None:
             x = self._blocks(x, context)
         else:
             x = tiled_forward(lambda t: self._blocks(t, context), x, tile[0], tile[1])
@@ -221,7 +230,20 @@ class SpatialTransformer(nn.Module):
 
 
 class TimestepSequential(nn.Sequential):
-    """A UNet block: layers called with the arguments each kind needs (LDM ``TimestepEmbedSequential``)."""
+    """A UNet block: layers called with the arguments each kind needs (LDM ``TimestepEmbedSequential``).
+
+    Video options: ``hook`` (a motion module) runs on the whole batch of frames at
+    :attr:`motion_position`; ``chunk`` runs the other layers on at most that many
+    frames at a time (``unet_batch_size``); ``cross_frame`` lets each chunk's frames
+    attend to each other.
+    """
+
+    @property
+    def motion_position(self) -> int | None:
+        """Index of the layer after which a motion module runs: the last attention layer, else the last ResBlock."""
+        attn = [i for i, layer in enumerate(self) if isinstance(layer, SpatialTransformer)]
+        res = [i for i, layer in enumerate(self) if isinstance(layer, ResBlock)]
+        return attn[-1] if attn else (res[-1] if res else None)
 
     def forward(
         self,
@@ -230,14 +252,44 @@ class TimestepSequential(nn.Sequential):
         context: torch.Tensor,
         upsample_size: tuple[int, int] | None = None,
         attention_tile: tuple[int, int] | None = None,
+        hook=None,
+        chunk: int | None = None,
+        cross_frame: bool = False,
     ):
-        for layer in self:
-            if isinstance(layer, ResBlock):
-                x = layer(x, emb)
-            elif isinstance(layer, SpatialTransformer):
-                x = layer(x, context, attention_tile)
-            elif isinstance(layer, Upsample):
-                x = layer(x, upsample_size)
-            else:
-                x = layer(x)
+        layers = list(self)
+        split = self.motion_position if hook is not None else None
+        segments = [layers] if split is None else [layers[: split + 1], layers[split + 1 :]]
+        for n, segment in enumerate(segments):
+            x = _run_chunked(segment, x, emb, context, upsample_size, attention_tile, chunk, cross_frame)
+            if n == 0 and split is not None:
+                x = hook(x)
         return x
+
+
+def _run_layers(layers, x, emb, context, upsample_size, attention_tile, cross_frame):
+    for layer in layers:
+        if isinstance(layer, ResBlock):
+            x = layer(x, emb)
+        elif isinstance(layer, SpatialTransformer):
+            x = layer(x, context, attention_tile, cross_frame)
+        elif isinstance(layer, Upsample):
+            x = layer(x, upsample_size)
+        else:
+            x = layer(x)
+    return x
+
+
+def _run_chunked(layers, x, emb, context, upsample_size, attention_tile, chunk, cross_frame):
+    """``layers`` over the batch, ``chunk`` rows at a time (embeddings of batch 1 are shared)."""
+    batch = x.shape[0]
+    if not layers:
+        return x
+    if chunk is None or chunk >= batch:
+        return _run_layers(layers, x, emb, context, upsample_size, attention_tile, cross_frame)
+    pieces = []
+    for start in range(0, batch, chunk):
+        end = min(start + chunk, batch)
+        e = emb[start:end] if emb.shape[0] == batch else emb
+        c = context[start:end] if context.shape[0] == batch else context
+        pieces.append(_run_layers(layers, x[start:end], e, c, upsample_size, attention_tile, cross_frame))
+    return torch.cat(pieces)

@@ -139,25 +139,48 @@ class SDUNet(nn.Module):
         down_residuals: list[torch.Tensor] | None = None,
         mid_residual: torch.Tensor | None = None,
         attention_tile: tuple[int, int] | None = None,
+        motion=None,
+        frame_chunk: int | None = None,
+        cross_frame_attention: bool = False,
+        offload_skips: bool = False,
     ) -> torch.Tensor:
-        """``attention_tile=(size, stride)`` tiles the attention layers (see ``SpatialTransformer``)."""
+        """ε for ``x``. Image options: ``attention_tile=(size, stride)`` tiles the attention layers.
+
+        Video options (the batch is a window of frames of one video):
+        ``motion(block_id, h) -> h`` runs a motion module inside each block
+        (ids ``("input", i)``, ``("middle", 0)``, ``("output", i)``; see
+        ``TimestepSequential.motion_position``) on all frames at once;
+        ``frame_chunk`` runs the spatial layers that many frames at a time
+        (``unet_batch_size``); ``cross_frame_attention`` lets a chunk's frames
+        attend to each other; ``offload_skips`` keeps skip connections in CPU
+        RAM between their use (``vram_limit_level >= 1``).
+        """
         emb = self.time_embedding(torch.as_tensor(timestep), x.shape[0], y)
         context = context.to(x.dtype)
+        options = dict(attention_tile=attention_tile, chunk=frame_chunk, cross_frame=cross_frame_attention)
+
+        def hook_for(block_id):
+            return None if motion is None else (lambda h: motion(block_id, h))
+
+        def park(t: torch.Tensor) -> torch.Tensor:
+            return t.to("cpu", non_blocking=True) if offload_skips else t
+
         skips = []
         h = x
-        for block in self.input_blocks:
-            h = block(h, emb, context, attention_tile=attention_tile)
-            skips.append(h)
+        for i, block in enumerate(self.input_blocks):
+            h = block(h, emb, context, hook=hook_for(("input", i)), **options)
+            skips.append(park(h))
         if down_residuals is not None:
             if len(down_residuals) != len(skips):
                 raise ValueError(f"got {len(down_residuals)} ControlNet down residuals, the UNet has {len(skips)} skip connections")
-            skips = [s + r.to(s.dtype) for s, r in zip(skips, down_residuals)]
-        h = self.middle_block(h, emb, context, attention_tile=attention_tile)
+            skips = [park(s.to(r.device) + r.to(s.dtype)) for s, r in zip(skips, down_residuals)]
+        h = self.middle_block(h, emb, context, hook=hook_for(("middle", 0)), **options)
         if mid_residual is not None:
             h = h + mid_residual.to(h.dtype)
-        for block in self.output_blocks:
-            h = torch.cat([h, skips.pop()], dim=1)
-            h = block(h, emb, context, upsample_size=skips[-1].shape[-2:] if skips else None, attention_tile=attention_tile)
+        for i, block in enumerate(self.output_blocks):
+            h = torch.cat([h, skips.pop().to(h.device)], dim=1)
+            size = skips[-1].shape[-2:] if skips else None
+            h = block(h, emb, context, upsample_size=size, hook=hook_for(("output", i)), **options)
         return self.out(h)
 
 
