@@ -96,6 +96,9 @@ def test_fingerprints_do_not_collide(tmp_path):
     files["controlnet"] = write_controlnet(str(tmp_path / "cn.pth"))
     cn_folder = write_controlnet(str(tmp_path / "cn_diffusers"), layout="diffusers")
     files["controlnet_diffusers"] = os.path.join(cn_folder, "diffusion_pytorch_model.safetensors")
+    from diffsynth.testing.motion_files import write_motion_module
+
+    files["motion_module"] = write_motion_module(str(tmp_path / "mm.ckpt"))
     folder = factory.write_diffusers_folder(str(tmp_path / "d"))
     files["unet_diffusers"] = os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors")
     files["clip_text"] = os.path.join(folder, "text_encoder", "model.safetensors")

@@ -73,7 +73,8 @@ class MultiControlNetManager:
     ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Summed residuals of all units for ``sample`` (``B`` frames).
 
-        ``conditionings`` is ``(units, B, 3, 8h, 8w)`` in [0, 1]; frames go through each
+        ``conditionings`` is ``(units, B, 3, 8h, 8w)``, float in [0, 1] or uint8 (converted
+        per chunk, so a video window's hints stay compact); frames go through each
         ControlNet ``batch_size`` at a time (``controlnet_batch_size``).
         """
         if conditionings.shape[0] != len(self.units):
@@ -88,7 +89,8 @@ class MultiControlNetManager:
             chunks = []
             for start in range(0, batch, step):
                 end = min(start + step, batch)
-                hint = cond[start:end].to(sample.device, sample.dtype)
+                hint = cond[start:end].to(sample.device)
+                hint = hint.to(sample.dtype) / 255.0 if hint.dtype == torch.uint8 else hint.to(sample.dtype)
                 chunks.append(unit.model(sample[start:end], timestep, encoder_hidden_states[start:end], hint, scale=unit.scale, attention_tile=attention_tile))
             down = [torch.cat([c[0][i] for c in chunks]) for i in range(len(chunks[0][0]))]
             mid = torch.cat([c[1] for c in chunks])

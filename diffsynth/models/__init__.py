@@ -2,6 +2,7 @@
 from .errors import ModelFileError
 from .model_manager import ModelManager
 from .sd_controlnet import ControlNetConfig, SDControlNet
+from .sd_motion import MotionModuleConfig, SDMotionModel
 from .sd_text_encoder import CLIPTextConfig, SDTextEncoder
 from .sd_unet import SDUNet, SDUNetConfig
 from .sd_vae import SDVAEConfig, SDVAEDecoder, SDVAEEncoder
@@ -13,6 +14,8 @@ __all__ = [
     "SDControlNet",
     "ModelFileError",
     "ModelManager",
+    "MotionModuleConfig",
+    "SDMotionModel",
     "SDTextEncoder",
     "SDUNet",
     "SDUNetConfig",

@@ -97,6 +97,11 @@ FINGERPRINTS: tuple[Fingerprint, ...] = (
         required=(r"^controlnet_cond_embedding\.conv_in\.weight$",),
     ),
     Fingerprint(
+        "motion_module",
+        "AnimateDiff motion module (v1: mm_sd_v15.ckpt, v2: mm_sd_v15_v2.ckpt)",
+        required=(r"^down_blocks\.0\.motion_modules\.0\.temporal_transformer\.proj_in\.weight$",),
+    ),
+    Fingerprint(
         "lora",
         "LoRA (kohya/civitai format)",
         required=(r"^lora_(unet|te)_.*\.lora_(up|down)\.weight$",),

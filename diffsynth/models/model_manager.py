@@ -25,6 +25,7 @@ from .convert_controlnet import controlnet_config_from_diffusers, convert_contro
 from .loading import infer_config, instantiate
 from .lora import apply_lora, load_lora
 from .sd_controlnet import SDControlNet, infer_controlnet_config
+from .sd_motion import build_motion_model
 from .sd_text_encoder import SDTextEncoder, infer_clip_text_config
 from .sd_unet import SDUNet, infer_unet_config
 from .sd_vae import SDVAEDecoder, SDVAEEncoder, infer_vae_config
@@ -130,6 +131,7 @@ class ModelManager:
             "clip_text": self._load_clip_text_file,
             "controlnet": self._load_controlnet,
             "controlnet_diffusers": self._load_controlnet_diffusers_file,
+            "motion_module": self._load_motion_module,
             "diffusers_folder": self._load_diffusers_folder,
         }.get(kind.family)
         if kind.family == "lora":
@@ -245,6 +247,16 @@ class ModelManager:
         config = controlnet_config_from_diffusers(config_json, source=path)
         sd = convert_controlnet_from_diffusers(load_state_dict(path, self.torch_dtype), config, source=path)
         self._add_controlnet(sd, config, path)
+
+    def _load_motion_module(self, path: str, components: set[str] | None) -> None:
+        """AnimateDiff v1/v2 (told apart by the mid-block module and the position table length)."""
+        model = build_motion_model(load_state_dict(path, self.torch_dtype), source=path, device=self.device, dtype=self.torch_dtype)
+        if "unet" in self.model:
+            try:
+                model.config.check_unet(self.model["unet"].config)
+            except ValueError as exc:
+                raise ModelFileError(path, f"does not fit the loaded UNet ({exc}).", "Use an SD 1.5 motion module with an SD 1.5 checkpoint.") from exc
+        self._put("motion_modules", model, path)
 
     def _load_clip_text_file(self, path: str, components: set[str] | None) -> None:
         sd = convert.convert_clip_text_from_hf(load_state_dict(path, self.torch_dtype))
