@@ -67,3 +67,20 @@ def test_neural_annotator_missing_weights_name_file_folder_and_link(tmp_path):
         Annotator("lineart", model_path=str(tmp_path))
     msg = str(e.value)
     assert "sk_model.pth" in msg and str(tmp_path) in msg and "https://huggingface.co/lllyasviel/Annotators/resolve/main/sk_model.pth" in msg
+
+
+def test_every_neural_annotator_through_the_front_end(tmp_path):
+    """Tiny/structurally identical random-weight files in the real formats, through ``Annotator``."""
+    from diffsynth.testing.annotator_files import write_hed_file, write_lineart_file
+    from diffsynth.testing.depth_files import write_midas_file
+    from diffsynth.testing.openpose_files import TINY_WIDTH, write_openpose_files
+
+    folder = str(tmp_path)
+    write_lineart_file(folder)
+    write_hed_file(folder)
+    write_midas_file(os.path.join(folder, "dpt_hybrid-midas-501f0c75.pt"))
+    write_openpose_files(folder, width=TINY_WIDTH)
+    img = photo("chelsea.png").resize((150, 100))
+    for pid in ("lineart", "softedge", "depth", "openpose"):
+        out = Annotator(pid, model_path=folder, detect_resolution=128)(img)
+        assert out.size == img.size and out.mode == "RGB", pid
