@@ -1,0 +1,478 @@
+"""``SDVideoPipeline``: text-to-video and video-to-video that stream through per-frame stores.
+
+Same parameters and semantics as DiffSynth-Studio's video pipeline (AnimateDiff
+sliding windows with a triangular weighted average, ControlNet units, a smoother
+inside the denoising loop), but no per-frame list ever lives in RAM: control
+images, latents of every denoising step and decoded frames are per-frame stores
+(files under ``output_folder`` by default), and each step streams over windows,
+keeping only the frames a later window still covers.
+
+Output folder layout (see DESIGN.md §3)::
+
+    controlnet_caches/<unit>/   annotated control images (PNG)
+    latents/step_<s>/           latents after s denoising steps (one .npy per frame)
+    latents/decoded/            decoded frames before a final smoother (PNG)
+    smoothed/step_<s>/          frames smoothed inside the loop at step s (PNG)
+    frames/                     the result (PNG), returned as a lazy sequence
+
+A step's latents are deleted once the next step's are complete.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from ..cache import MissingItem, Prefetcher, WriteBehind, as_store, image_store, tensor_store
+from ..controlnets import ControlNetConfigUnit, MultiControlNetManager
+from ..models.model_manager import ModelManager
+from ..progress import ProgressCallback, ProgressEvent
+from ..prompts import SDPrompter
+from ..schedulers import EnhancedDDIMScheduler
+from .sd_image import LATENT_FACTOR, build_controlnet_manager, check_size, preprocess_image, tensor_to_images
+
+logger = logging.getLogger("diffsynth")
+
+
+@dataclass(frozen=True)
+class Window:
+    """Frames ``[start, end)`` denoised together, and the triangular weight of each."""
+
+    start: int
+    end: int
+
+    def weight(self, i: int) -> float:
+        """The original's weight: ``max(1 - |i - c| / half, 0.01)``, peaking at the window centre."""
+        centre = (self.start + self.end - 1) / 2
+        half = (self.end - self.start - 1 + 0.01) / 2
+        return max(1 - abs(i - centre) / half, 0.01)
+
+
+def sliding_windows(num_frames: int, batch_size: int, stride: int) -> list[Window]:
+    """``[s, min(s + batch, N))`` for ``s = 0, stride, ...``, stopping at the window that reaches the end."""
+    if batch_size < 1 or stride < 1:
+        raise ValueError(f"animatediff_batch_size and animatediff_stride must be >= 1, got {batch_size} and {stride}")
+    windows = []
+    for start in range(0, num_frames, stride):
+        end = min(start + batch_size, num_frames)
+        windows.append(Window(start, end))
+        if end == num_frames:
+            break
+    return windows
+
+
+class RunningMean:
+    """The original's running weighted mean ``acc ← acc·W/(W+w) + x·w/(W+w)``, for open frames only."""
+
+    def __init__(self):
+        self.value: dict[int, torch.Tensor] = {}
+        self.weight: dict[int, float] = {}
+
+    def add(self, i: int, x: torch.Tensor, w: float) -> None:
+        if i not in self.value:
+            self.value[i] = torch.zeros_like(x)
+            self.weight[i] = 0.0
+        total = self.weight[i]
+        self.value[i] = self.value[i] * (total / (total + w)) + x * (w / (total + w))
+        self.weight[i] = total + w
+
+    def pop(self, i: int) -> torch.Tensor:
+        self.weight.pop(i)
+        return self.value.pop(i)
+
+    def __len__(self) -> int:
+        return len(self.value)
+
+
+class VideoFrames(Sequence):
+    """The result of a video pipeline: a lazy, read-only sequence of PIL frames backed by a store."""
+
+    def __init__(self, store, keepalive=None):
+        self._store = store
+        self._keepalive = keepalive  # a TemporaryDirectory to remove when the result is dropped
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self._store[j] for j in range(*i.indices(len(self)))]
+        return self._store[i]
+
+    def __iter__(self) -> Iterator[Image.Image]:
+        for _, frame in Prefetcher(self._store, range(len(self))):
+            yield frame
+
+    @property
+    def folder(self) -> str | None:
+        return getattr(self._store, "folder", None)
+
+
+class SDVideoPipeline:
+    """Video pipeline over an SD 1.x model set, optional AnimateDiff motion modules and ControlNet units."""
+
+    def __init__(self, device: str | torch.device = "cpu", torch_dtype: torch.dtype = torch.float32, use_animatediff: bool = True):
+        self.device = torch.device(device)
+        self.torch_dtype = torch_dtype
+        self.use_animatediff = use_animatediff
+        self.scheduler = EnhancedDDIMScheduler(beta_schedule="linear" if use_animatediff else "scaled_linear")
+        self.prompter = SDPrompter()
+        self.text_encoder = self.unet = self.vae_encoder = self.vae_decoder = None
+        self.vae_decoder_fp32 = None
+        self.motion_modules = None
+        self.controlnet: MultiControlNetManager | None = None
+
+    @staticmethod
+    def from_model_manager(
+        model_manager: ModelManager, controlnet_config_units: Sequence[ControlNetConfigUnit] = (), annotator_folder: str = "models/Annotators"
+    ) -> "SDVideoPipeline":
+        pipe = SDVideoPipeline(model_manager.device, model_manager.torch_dtype, use_animatediff=model_manager.has("motion_modules"))
+        from .sd_image import SDImagePipeline
+
+        image_pipe = SDImagePipeline(model_manager.device, model_manager.torch_dtype)
+        image_pipe.fetch_main_models(model_manager)
+        image_pipe.fetch_prompter(model_manager)
+        pipe.prompter = image_pipe.prompter
+        pipe.text_encoder, pipe.unet = image_pipe.text_encoder, image_pipe.unet
+        pipe.vae_encoder, pipe.vae_decoder = image_pipe.vae_encoder, image_pipe.vae_decoder
+        # Video frames are decoded in fp32: fp16 decoding turned frames black (the seed edition's fix).
+        pipe.vae_decoder_fp32 = pipe.vae_decoder if pipe.vae_decoder.dtype == torch.float32 else copy.deepcopy(pipe.vae_decoder).float()
+        pipe.motion_modules = model_manager.model.get("motion_modules")
+        pipe.controlnet = build_controlnet_manager(model_manager, controlnet_config_units, annotator_folder)
+        return pipe
+
+    # ------------------------------------------------------------------ stages
+    def _stores(self, root: str | None, name: str):
+        return None if root is None else os.path.join(root, name)
+
+    def annotate(self, controlnet_frames, num_frames: int, width: int, height: int, root: str | None, progress) -> list:
+        """Stage: each unit's annotation of each frame, into ``controlnet_caches/<k>/`` (skips frames already there)."""
+        units = self.controlnet.units
+        if len(controlnet_frames) == num_frames and not _is_list_of_sequences(controlnet_frames, len(units)):
+            sources = [as_store(controlnet_frames)] * len(units)  # a flat list: every unit annotates the same frames
+        else:
+            if len(controlnet_frames) != len(units):
+                raise ValueError(f"controlnet_frames holds {len(controlnet_frames)} frame lists but there are {len(units)} ControlNet units")
+            sources = [as_store(frames) for frames in controlnet_frames]
+        stores = []
+        for k, (unit, source) in enumerate(zip(units, sources)):
+            if len(source) < num_frames:
+                raise ValueError(f"ControlNet unit {k} ({unit.processor.processor_id}) has {len(source)} frames, need {num_frames}")
+            store = image_store(self._stores(root, os.path.join("controlnet_caches", str(k))), num_frames, size=(width, height))
+            todo = store.missing()
+            with WriteBehind(store) as writer:
+                for i, frame in Prefetcher(source, todo):
+                    writer.put(i, unit.processor(_fit_frame(frame, width, height, f"controlnet frame {i}")))
+                    progress("annotate", 1, len(todo) * len(units))
+            stores.append(store)
+        return stores
+
+    def initial_latents(self, input_frames, num_frames, width, height, denoising_strength, root, generator, progress):
+        """Stage: noise (shared by all frames without motion modules, as the original), or encoded frames plus noise."""
+        shape = (1, 4, height // LATENT_FACTOR, width // LATENT_FACTOR)
+        store = tensor_store(self._stores(root, os.path.join("latents", "step_000")), num_frames, shape=shape[1:], dtype=torch.float32)
+        if store.complete():
+            return store
+        img2img = input_frames is not None and denoising_strength < 1.0
+        source = as_store(input_frames) if img2img else None
+        shared = None if self.motion_modules is not None else torch.randn(shape, generator=generator)
+        t0 = self.scheduler.timesteps[0]
+        with WriteBehind(store) as writer:
+            for i in range(num_frames):
+                # one draw per frame from one stream: equals the original's batched randn((N,4,h,w)) on CPU
+                noise = shared if shared is not None else torch.randn(shape, generator=generator)
+                if i in store:
+                    continue
+                if img2img:
+                    frame = _fit_frame(source[i], width, height, f"input frame {i}")
+                    x = preprocess_image(frame).to(self.device, self.vae_encoder.dtype)
+                    latent = self.vae_encoder(x).float().cpu()
+                    latent = self.scheduler.add_noise(latent, noise, t0)
+                else:
+                    latent = noise
+                writer.put(i, latent[0])
+                progress("initial latents", 1, num_frames)
+        return store
+
+    def _window_noise(self, latents, t, emb_posi, emb_nega, cond, cfg_scale, unet_batch_size, controlnet_batch_size, cross_frame_attention, vram_limit_level):
+        """(ε_pos, ε_neg) of one window (ε_neg None when cfg_scale == 1)."""
+        frames = latents.shape[0]
+        motion = self.motion_modules  # SDMotionModel is the UNet's motion(block_id, h) callable
+
+        def run(emb):
+            emb = emb.expand(frames, -1, -1)
+            down = mid = None
+            if cond is not None:
+                down, mid = self.controlnet(latents, t, emb, cond, batch_size=controlnet_batch_size)
+            return self.unet(
+                latents, t, emb, down_residuals=down, mid_residual=mid, motion=motion,
+                frame_chunk=unet_batch_size, cross_frame_attention=cross_frame_attention, offload_skips=vram_limit_level >= 1,
+            ).float()
+
+        return run(emb_posi), (run(emb_nega) if emb_nega is not None else None)
+
+    def denoise_step(self, step, src, dst, cond_stores, emb_posi, emb_nega, options, progress, x0_store=None):
+        """One timestep over all frames, window by window; finished frames go to ``dst`` (or ``x0_store``).
+
+        Resumes at the first frame missing from the destination: the windows
+        covering it are recomputed, earlier ones skipped.
+        """
+        t = self.scheduler.timesteps[step]
+        t_dev = t.to(self.device)
+        target = x0_store if x0_store is not None else dst
+        n = len(src)
+        missing = target.missing()
+        if not missing:
+            return
+        first = missing[0]
+        windows = sliding_windows(n, options["animatediff_batch_size"], options["animatediff_stride"])
+        windows = [w for w in windows if w.end > first]
+        posi, nega = RunningMean(), RunningMean()
+        # latents and control images of the frames a window still covers: read once per step
+        open_latents: dict[int, torch.Tensor] = {}
+        open_cond: dict[int, torch.Tensor] = {}
+        with WriteBehind(target) as writer:
+            for k, window in enumerate(windows):
+                frames = range(window.start, window.end)
+                for i in frames:
+                    if i not in open_latents:
+                        open_latents[i] = src[i]
+                        if cond_stores:
+                            open_cond[i] = torch.stack([_image_to_uint8(store[i]) for store in cond_stores])
+                x = torch.stack([open_latents[i] for i in frames]).to(self.device, self.torch_dtype)
+                cond = torch.stack([open_cond[i] for i in frames], dim=1) if cond_stores else None
+                e_pos, e_neg = self._window_noise(x, t_dev, emb_posi, emb_nega, cond, options["cfg_scale"], options["unet_batch_size"],
+                                                  options["controlnet_batch_size"], options["cross_frame_attention"], options["vram_limit_level"])
+                for j, i in enumerate(range(window.start, window.end)):
+                    w = window.weight(i)
+                    posi.add(i, e_pos[j].cpu(), w)
+                    if e_neg is not None:
+                        nega.add(i, e_neg[j].cpu(), w)
+                closed_before = windows[k + 1].start if k + 1 < len(windows) else n
+                for i in sorted(f for f in posi.value if f < closed_before):
+                    eps = posi.pop(i)
+                    if e_neg is not None:
+                        neg = nega.pop(i)
+                        eps = neg + options["cfg_scale"] * (eps - neg)
+                    latent = open_latents.pop(i)
+                    open_cond.pop(i, None)
+                    if i >= first and i not in target:
+                        writer.put(i, self.scheduler.step(eps, t, latent, to_final=x0_store is not None))
+                progress("denoise", window.end - window.start, None)
+
+    def decode(self, latents_store, out_store, progress):
+        """Stage: fp32 VAE decode of every frame not yet in ``out_store``."""
+        todo = out_store.missing()
+        with WriteBehind(out_store) as writer:
+            for i, latent in Prefetcher(latents_store, todo):
+                image = self.vae_decoder_fp32(latent[None].to(self.device, torch.float32))
+                writer.put(i, tensor_to_images(image)[0])
+                progress("decode", 1, len(todo))
+
+    def encode_frames(self, frames_store, out_store, progress):
+        todo = out_store.missing()
+        with WriteBehind(out_store) as writer:
+            for i, frame in Prefetcher(frames_store, todo):
+                x = preprocess_image(frame).to(self.device, self.vae_encoder.dtype)
+                writer.put(i, self.vae_encoder(x).float().cpu()[0])
+                progress("encode", 1, len(todo))
+
+    # ------------------------------------------------------------------ call
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str,
+        negative_prompt: str = "",
+        cfg_scale: float = 7.5,
+        clip_skip: int = 1,
+        num_frames: int | None = None,
+        input_frames=None,
+        controlnet_frames=None,
+        denoising_strength: float = 1.0,
+        height: int = 512,
+        width: int = 512,
+        num_inference_steps: int = 20,
+        animatediff_batch_size: int = 16,
+        animatediff_stride: int = 8,
+        unet_batch_size: int = 1,
+        controlnet_batch_size: int = 1,
+        cross_frame_attention: bool = False,
+        smoother: Callable | None = None,
+        smoother_progress_ids: Sequence[int] = (),
+        vram_limit_level: int = 0,
+        progress_bar_cmd: Callable | None = tqdm,
+        progress_bar_st=None,
+        output_folder: str | None = None,
+        in_memory: bool = False,
+        progress_callback: ProgressCallback | None = None,
+        generator: torch.Generator | None = None,
+    ) -> VideoFrames:
+        """Render ``num_frames`` frames; returns a lazy sequence of PIL frames backed by ``output_folder/frames``.
+
+        ``input_frames``/``controlnet_frames`` may be lists, ``VideoData`` objects or
+        stores. ``in_memory=True`` keeps every per-frame artifact in RAM instead
+        (short clips, tests); ``output_folder=None`` uses a temporary folder that
+        is removed when the result is garbage-collected. Noise comes from the
+        global torch RNG (or ``generator``) as in the original.
+        """
+        check_size(height, width)
+        if num_frames is None:
+            if input_frames is None:
+                raise ValueError("num_frames is required for text-to-video (no input_frames given)")
+            num_frames = len(input_frames)
+        if num_frames < 1:
+            raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+        if self.motion_modules is not None and animatediff_batch_size > self.motion_modules.config.max_positions:
+            raise ValueError(
+                f"animatediff_batch_size {animatediff_batch_size} exceeds the motion modules' {self.motion_modules.config.max_positions} positions"
+            )
+        if controlnet_frames is not None and self.controlnet is None:
+            raise ValueError("controlnet_frames were given but the pipeline has no ControlNet units")
+        if self.controlnet is not None and controlnet_frames is None:
+            raise ValueError(f"the pipeline has {len(self.controlnet)} ControlNet units: pass controlnet_frames (one frame list per unit, or one shared list)")
+        if input_frames is not None and len(input_frames) < num_frames:
+            raise ValueError(f"input_frames holds {len(input_frames)} frames, need {num_frames}")
+        smoother_ids = set(smoother_progress_ids)
+
+        keepalive = None
+        root = None
+        if not in_memory:
+            if output_folder is None:
+                keepalive = tempfile.TemporaryDirectory(prefix="diffsynth_video_")
+                output_folder = keepalive.name
+            os.makedirs(output_folder, exist_ok=True)
+            root = output_folder
+
+        global_rng = generator is None
+        if global_rng:  # draw from (a copy of) the global RNG, then advance it as the original's randn would
+            generator = torch.Generator()
+            generator.set_state(torch.get_rng_state())
+        self.scheduler.set_timesteps(num_inference_steps, denoising_strength)
+        progress = _Progress(progress_bar_cmd, progress_callback, progress_bar_st, num_inference_steps)
+
+        latents = self.initial_latents(input_frames, num_frames, width, height, denoising_strength, root, generator, progress)
+        if global_rng:
+            torch.set_rng_state(generator.get_state())
+        emb_posi = self.prompter.encode_prompt(self.text_encoder, prompt, clip_skip=clip_skip, device=self.device, positive=True)
+        emb_nega = None
+        if cfg_scale != 1.0:
+            emb_nega = self.prompter.encode_prompt(self.text_encoder, negative_prompt, clip_skip=clip_skip, device=self.device, positive=False)
+        cond_stores = self.annotate(controlnet_frames, num_frames, width, height, root, progress) if self.controlnet is not None else []
+
+        options = dict(cfg_scale=cfg_scale, animatediff_batch_size=animatediff_batch_size, animatediff_stride=animatediff_stride,
+                       unet_batch_size=unet_batch_size, controlnet_batch_size=controlnet_batch_size,
+                       cross_frame_attention=cross_frame_attention, vram_limit_level=vram_limit_level)
+        shape = latents[0].shape
+        guide = as_store(input_frames) if input_frames is not None else None
+        for step in range(len(self.scheduler.timesteps)):
+            progress.begin_step(step)
+            nxt = tensor_store(self._stores(root, os.path.join("latents", f"step_{step + 1:03d}")), num_frames, shape=shape, dtype=torch.float32)
+            if not nxt.complete():
+                if smoother is not None and step in smoother_ids:
+                    self._smoothed_step(step, latents, nxt, cond_stores, emb_posi, emb_nega, options, progress, smoother, guide, root, shape)
+                else:
+                    self.denoise_step(step, latents, nxt, cond_stores, emb_posi, emb_nega, options, progress)
+            _remove_store(latents)
+            latents = nxt
+
+        final_smoothing = smoother is not None and (-1 in smoother_ids or num_inference_steps in smoother_ids)
+        decoded = image_store(self._stores(root, os.path.join("latents", "decoded") if final_smoothing else "frames"), num_frames, size=(width, height))
+        self.decode(latents, decoded, progress)
+        if final_smoothing:
+            frames = image_store(self._stores(root, "frames"), num_frames, size=(width, height))
+            _put_all(frames, smoother(VideoFrames(decoded), original_frames=guide))
+            decoded = frames
+        progress.close()
+        return VideoFrames(decoded, keepalive)
+
+    def _smoothed_step(self, step, latents, nxt, cond_stores, emb_posi, emb_nega, options, progress, smoother, guide, root, shape):
+        """x0 of every frame → decode → smoother → encode → ε that lands on the smoothed x0 → DDIM step (the original's loop)."""
+        n = len(latents)
+        prefix = os.path.join("smoothed", f"step_{step:03d}")
+        x0 = tensor_store(self._stores(root, os.path.join(prefix, "x0")), n, shape=shape, dtype=torch.float32)
+        self.denoise_step(step, latents, None, cond_stores, emb_posi, emb_nega, options, progress, x0_store=x0)
+        decoded = image_store(self._stores(root, os.path.join(prefix, "decoded")), n)
+        self.decode(x0, decoded, progress)
+        smoothed = image_store(self._stores(root, os.path.join(prefix, "frames")), n)
+        if not smoothed.complete():
+            _put_all(smoothed, smoother(VideoFrames(decoded), original_frames=guide))
+        target = tensor_store(self._stores(root, os.path.join(prefix, "x0_smoothed")), n, shape=shape, dtype=torch.float32)
+        self.encode_frames(smoothed, target, progress)
+        t = self.scheduler.timesteps[step]
+        with WriteBehind(nxt) as writer:
+            for i in nxt.missing():
+                eps = self.scheduler.return_to_timestep(t, latents[i], target[i])
+                writer.put(i, self.scheduler.step(eps, t, latents[i]))
+        for store in (x0, decoded, smoothed, target):
+            _remove_store(store)
+
+
+class _Progress:
+    """tqdm over denoising steps plus typed events for UIs."""
+
+    def __init__(self, bar_cmd, callback, st_bar, steps):
+        self.callback = callback
+        self.st_bar = st_bar
+        self.steps = steps
+        self.bar = bar_cmd(total=steps, desc="denoising") if bar_cmd is not None else None
+        self.counts: dict[str, int] = {}
+
+    def __call__(self, stage: str, done: int, total: int | None) -> None:
+        self.counts[stage] = self.counts.get(stage, 0) + done
+        if self.callback is not None:
+            self.callback(ProgressEvent(stage, self.counts[stage], total if total is not None else -1))
+
+    def begin_step(self, step: int) -> None:
+        if step and self.bar is not None:
+            self.bar.update(1)
+        if self.st_bar is not None:
+            self.st_bar.progress(step / self.steps)
+        if self.callback is not None:
+            self.callback(ProgressEvent("step", step, self.steps))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.close()
+        if self.callback is not None:
+            self.callback(ProgressEvent("step", self.steps, self.steps))
+
+
+def _is_list_of_sequences(frames, units: int) -> bool:
+    first = frames[0] if len(frames) else None
+    return len(frames) == units and first is not None and not isinstance(first, Image.Image) and hasattr(first, "__len__")
+
+
+def _fit_frame(frame: Image.Image, width: int, height: int, what: str) -> Image.Image:
+    if frame.size != (width, height):
+        raise ValueError(f"{what} is {frame.size[0]}x{frame.size[1]} but the video is {width}x{height}; resize the frames (VideoData(height=, width=) does)")
+    return frame
+
+
+def _image_to_uint8(image: Image.Image) -> torch.Tensor:
+    import numpy as np
+
+    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def _put_all(store, frames) -> None:
+    with WriteBehind(store) as writer:
+        for i, frame in enumerate(frames):
+            writer.put(i, frame)
+    if len(store) and store.missing():
+        raise ValueError(f"the smoother returned {len(store) - len(store.missing())} frames for a {len(store)}-frame video")
+
+
+def _remove_store(store) -> None:
+    folder = getattr(store, "folder", None)
+    store.clear()
+    if folder is not None and os.path.isdir(folder):
+        shutil.rmtree(folder)
