@@ -68,18 +68,19 @@ def bench_speed(rounds: int) -> dict:
 
 
 _LOAD_CHILD = r"""
-import json, resource, sys, torch
+import json, sys, torch
 from diffsynth import ModelManager
-def rss_kb():
+def status_kb(field):
+    # VmHWM is this process image's peak RSS; ru_maxrss would carry over the forking parent's peak across exec
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
 dtype = {"fp16": torch.float16, "fp32": torch.float32}[sys.argv[2]]
-base = rss_kb()
+base = status_kb("VmRSS")
 mm = ModelManager(torch_dtype=dtype, device="cpu")
 mm.load_models([sys.argv[1]])
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+peak = status_kb("VmHWM")
 params = sum(p.numel() * p.element_size() for m in mm.model.values() for p in m.parameters())
 print(json.dumps({"base_kb": base, "peak_kb": peak, "param_bytes": params}))
 """

@@ -56,8 +56,9 @@ def test_canny_matches_opencv_with_controlnet_aux_resizing(name, detect_resoluti
 def test_detection_size_rounds_to_64():
     assert detection_size(300, 451, 512) == (512, 768)
     assert detection_size(720, 1280, 720) == (704, 1280)
-    with pytest.raises(ValueError, match="too small"):
-        detection_size(100, 100, 20)
+    assert detection_size(32, 48, 32) == (64, 64)  # at least 64 per side (controlnet_aux crashed here)
+    with pytest.raises(ValueError, match="positive"):
+        detection_size(100, 100, 0)
     arr = np.zeros((300, 451, 3), np.uint8)
     assert resize_for_detection(arr, 512).shape == (512, 768, 3)
 

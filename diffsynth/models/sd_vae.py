@@ -73,7 +73,8 @@ class VAEAttention(nn.Module):
         b, c, h, w = x.shape
         y = self.norm(x)
         q, k, v = (proj(y).flatten(2).transpose(1, 2).unsqueeze(1) for proj in (self.q, self.k, self.v))
-        out = F.scaled_dot_product_attention(q, k, v).squeeze(1).transpose(1, 2).reshape(b, c, h, w)
+        # contiguous NCHW: the reshaped transpose would be a channels-last view that slows every later conv
+        out = F.scaled_dot_product_attention(q, k, v).squeeze(1).transpose(1, 2).reshape(b, c, h, w).contiguous()
         return x + self.proj_out(out)
 
 

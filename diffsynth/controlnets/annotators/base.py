@@ -47,12 +47,16 @@ def hwc3(x: np.ndarray) -> np.ndarray:
 
 
 def detection_size(height: int, width: int, resolution: int) -> tuple[int, int]:
-    """``(h, w)`` with the short side scaled to ``resolution`` and both sides rounded to multiples of 64."""
+    """``(h, w)`` with the short side scaled to ``resolution`` and both sides rounded to multiples of 64.
+
+    Sides are at least 64 (controlnet_aux produced an empty image, and crashed, for
+    frames or resolutions under 32 pixels).
+    """
+    if resolution < 1:
+        raise ValueError(f"detect resolution must be a positive number of pixels, got {resolution}")
     k = float(resolution) / min(height, width)
-    new_h = int(np.round(height * k / 64.0)) * 64
-    new_w = int(np.round(width * k / 64.0)) * 64
-    if new_h < 64 or new_w < 64:
-        raise ValueError(f"resolution {resolution} is too small for a {width}x{height} image; use at least 64 on the short side")
+    new_h = max(64, int(np.round(height * k / 64.0)) * 64)
+    new_w = max(64, int(np.round(width * k / 64.0)) * 64)
     return new_h, new_w
 
 
