@@ -191,3 +191,39 @@ def test_bad_input(animatediff_pipe, controlnet_pipe):
         controlnet_pipe("x", num_frames=2, height=64, width=64, in_memory=True, progress_bar_cmd=None)
     with pytest.raises(ValueError, match="input frame 0 is 64x64 but the video is 72x64"):
         animatediff_pipe("x", num_frames=2, input_frames=_frames(2), denoising_strength=0.5, height=64, width=72, in_memory=True, progress_bar_cmd=None)
+
+
+class _Crash(Exception):
+    pass
+
+
+@torch.no_grad()
+def test_a_crash_inside_denoising_loses_at_most_one_window(animatediff_pipe, tmp_path):
+    """Exception after k UNet calls, rerun: same frames, and at most one window's UNet calls are repeated."""
+    kw = dict(num_frames=10, num_inference_steps=2, height=64, width=64, animatediff_batch_size=4, animatediff_stride=2, unet_batch_size=4, progress_bar_cmd=None)
+    calls = []
+    handle = animatediff_pipe.unet.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        torch.manual_seed(5)
+        reference = _array(animatediff_pipe("x", output_folder=str(tmp_path / "ref"), **kw))
+        uninterrupted = len(calls)
+        per_window = 2  # cfg: a positive and a negative UNet call per window
+
+        def crash_after(n):
+            def hook(*args):
+                if len(calls) >= n:
+                    raise _Crash()
+            return hook
+
+        calls.clear()
+        crash = animatediff_pipe.unet.register_forward_hook(crash_after(uninterrupted // 2 + 1))
+        with pytest.raises(_Crash):
+            torch.manual_seed(5)
+            animatediff_pipe("x", output_folder=str(tmp_path / "run"), **kw)
+        crash.remove()
+        torch.manual_seed(5)
+        resumed = _array(animatediff_pipe("x", output_folder=str(tmp_path / "run"), **kw))
+    finally:
+        handle.remove()
+    assert np.array_equal(reference, resumed)
+    assert len(calls) <= uninterrupted + per_window, (len(calls), uninterrupted)

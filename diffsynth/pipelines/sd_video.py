@@ -20,6 +20,7 @@ A step's latents are deleted once the next step's are complete.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import shutil
@@ -90,6 +91,65 @@ class RunningMean:
 
     def __len__(self) -> int:
         return len(self.value)
+
+
+class WindowJournal:
+    """The running means of the open frames after the last committed window of one denoising step.
+
+    One ``window_<k>.safetensors`` file per commit (written atomically, older
+    ones removed after), in a folder next to the step's latents.
+    """
+
+    def __init__(self, folder: str):
+        self.folder = folder
+
+    def _files(self) -> list[tuple[int, str]]:
+        if not os.path.isdir(self.folder):
+            return []
+        found = []
+        for name in os.listdir(self.folder):
+            if name.startswith("window_") and name.endswith(".safetensors"):
+                found.append((int(name[len("window_"):-len(".safetensors")]), os.path.join(self.folder, name)))
+        return sorted(found)
+
+    def load(self) -> tuple[int, RunningMean, RunningMean] | None:
+        """``(window index, posi, nega)`` of the newest readable commit, or None."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file, safe_open
+
+        for k, path in reversed(self._files()):
+            try:
+                tensors = load_file(path)
+                with safe_open(path, framework="pt") as f:
+                    weights = json.loads(f.metadata()["weights"])
+            except (SafetensorError, OSError, KeyError, ValueError) as exc:
+                logger.warning("ignoring unreadable denoising journal %s (%s); recomputing that window", path, exc)
+                continue
+            means = {"posi": RunningMean(), "nega": RunningMean()}
+            for key, value in tensors.items():
+                kind, index = key.split(".")
+                means[kind].value[int(index)] = value
+                means[kind].weight[int(index)] = weights[key]
+            return k, means["posi"], means["nega"]
+        return None
+
+    def commit(self, k: int, posi: RunningMean, nega: RunningMean) -> None:
+        from ..utils.atomic import atomic_save_safetensors
+
+        os.makedirs(self.folder, exist_ok=True)
+        tensors, weights = {}, {}
+        for kind, mean in (("posi", posi), ("nega", nega)):
+            for i, value in mean.value.items():
+                tensors[f"{kind}.{i}"] = value.contiguous()
+                weights[f"{kind}.{i}"] = mean.weight[i]
+        atomic_save_safetensors(tensors, os.path.join(self.folder, f"window_{k:06d}.safetensors"), metadata={"weights": json.dumps(weights), "window": str(k)})
+        for old, path in self._files():
+            if old < k:
+                os.remove(path)
+
+    def remove(self) -> None:
+        if os.path.isdir(self.folder):
+            shutil.rmtree(self.folder)
 
 
 class VideoFrames(Sequence):
@@ -219,11 +279,14 @@ class SDVideoPipeline:
 
         return run(emb_posi), (run(emb_nega) if emb_nega is not None else None)
 
-    def denoise_step(self, step, src, dst, cond_stores, emb_posi, emb_nega, options, progress, x0_store=None):
+    def denoise_step(self, step, src, dst, cond_stores, emb_posi, emb_nega, options, progress, x0_store=None, journal=None):
         """One timestep over all frames, window by window; finished frames go to ``dst`` (or ``x0_store``).
 
-        Resumes at the first frame missing from the destination: the windows
-        covering it are recomputed, earlier ones skipped.
+        With a ``journal`` (a ``WindowJournal``) the running means of the frames
+        still open are committed after every window, so a rerun continues after
+        the last committed window: a crash loses at most one window of work.
+        Without one, a rerun restarts at the first window covering the first
+        frame missing from the destination.
         """
         t = self.scheduler.timesteps[step]
         t_dev = t.to(self.device)
@@ -232,15 +295,20 @@ class SDVideoPipeline:
         missing = target.missing()
         if not missing:
             return
-        first = missing[0]
         windows = sliding_windows(n, options["animatediff_batch_size"], options["animatediff_stride"])
-        windows = [w for w in windows if w.end > first]
         posi, nega = RunningMean(), RunningMean()
+        resumed = journal.load() if journal is not None else None
+        if resumed is not None:
+            done, posi, nega = resumed
+            start = done + 1
+        else:
+            start = next(k for k, w in enumerate(windows) if w.end > missing[0])
         # latents and control images of the frames a window still covers: read once per step
         open_latents: dict[int, torch.Tensor] = {}
         open_cond: dict[int, torch.Tensor] = {}
         with WriteBehind(target) as writer:
-            for k, window in enumerate(windows):
+            for k in range(start, len(windows)):
+                window = windows[k]
                 frames = range(window.start, window.end)
                 for i in frames:
                     if i not in open_latents:
@@ -251,7 +319,7 @@ class SDVideoPipeline:
                 cond = torch.stack([open_cond[i] for i in frames], dim=1) if cond_stores else None
                 e_pos, e_neg = self._window_noise(x, t_dev, emb_posi, emb_nega, cond, options["cfg_scale"], options["unet_batch_size"],
                                                   options["controlnet_batch_size"], options["cross_frame_attention"], options["vram_limit_level"])
-                for j, i in enumerate(range(window.start, window.end)):
+                for j, i in enumerate(frames):
                     w = window.weight(i)
                     posi.add(i, e_pos[j].cpu(), w)
                     if e_neg is not None:
@@ -259,14 +327,19 @@ class SDVideoPipeline:
                 closed_before = windows[k + 1].start if k + 1 < len(windows) else n
                 for i in sorted(f for f in posi.value if f < closed_before):
                     eps = posi.pop(i)
-                    if e_neg is not None:
+                    if i in nega.value:
                         neg = nega.pop(i)
                         eps = neg + options["cfg_scale"] * (eps - neg)
-                    latent = open_latents.pop(i)
+                    latent = open_latents.pop(i) if i in open_latents else src[i]
                     open_cond.pop(i, None)
-                    if i >= first and i not in target:
+                    if i not in target:
                         writer.put(i, self.scheduler.step(eps, t, latent, to_final=x0_store is not None))
+                if journal is not None:
+                    writer.flush()  # the frames this window finished are durable before the journal says so
+                    journal.commit(k, posi, nega)
                 progress("denoise", window.end - window.start, None)
+        if journal is not None:
+            journal.remove()
 
     def decode(self, latents_store, out_store, progress):
         """Stage: fp32 VAE decode of every frame not yet in ``out_store``."""
@@ -379,7 +452,8 @@ class SDVideoPipeline:
                 if smoother is not None and step in smoother_ids:
                     self._smoothed_step(step, latents, nxt, cond_stores, emb_posi, emb_nega, options, progress, smoother, guide, root, shape)
                 else:
-                    self.denoise_step(step, latents, nxt, cond_stores, emb_posi, emb_nega, options, progress)
+                    journal = None if root is None else WindowJournal(os.path.join(root, "latents", f"step_{step + 1:03d}_journal"))
+                    self.denoise_step(step, latents, nxt, cond_stores, emb_posi, emb_nega, options, progress, journal=journal)
             _remove_store(latents)
             latents = nxt
 
