@@ -1,5 +1,6 @@
-"""Image and video pipelines."""
+"""Image and video pipelines and the resumable config runner."""
+from .runner import SDVideoPipelineRunner
 from .sd_image import SDImagePipeline
 from .sd_video import SDVideoPipeline
 
-__all__ = ["SDImagePipeline", "SDVideoPipeline"]
+__all__ = ["SDImagePipeline", "SDVideoPipeline", "SDVideoPipelineRunner"]

@@ -1,0 +1,126 @@
+"""The run manifest: per-stage status and cache keys, and the seed edition's ``last_process_id.txt``.
+
+``manifest.json`` is rewritten atomically whenever a stage's status changes; a
+stage is marked done only after its outputs are durable. Cache keys are
+SHA-256 hashes of canonical JSON of everything a stage's result depends on.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from typing import Any
+
+from ..utils.atomic import atomic_write_text
+
+SCHEMA_VERSION = 1
+
+STAGES = (
+    (0, "source frames"),
+    (1, "ControlNet annotations"),
+    (2, "prompt embeddings"),
+    (3, "initial latents"),
+    (4, "denoising"),
+    (5, "VAE decode"),
+    (6, "smoother left pass"),
+    (7, "smoother right pass"),
+    (8, "smoother blend"),
+    (9, "video encode"),
+)
+STAGE_NAMES = dict(STAGES)
+
+
+def stable_hash(value: Any) -> str:
+    """Hex SHA-256 of ``value`` as canonical JSON (sorted keys; tuples as lists)."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def file_identity(path: str | None) -> dict | None:
+    """What identifies a model or input file cheaply: absolute path, size and modification time.
+
+    A folder (a diffusers model, an image sequence) is identified by its files' identities.
+    """
+    if path is None:
+        return None
+    path = os.path.abspath(path)
+    if os.path.isdir(path):
+        entries = []
+        for root, _, files in os.walk(path):
+            for name in sorted(files):
+                full = os.path.join(root, name)
+                stat = os.stat(full)
+                entries.append((os.path.relpath(full, path), stat.st_size, int(stat.st_mtime)))
+        return {"path": path, "files": sorted(entries)}
+    if not os.path.exists(path):
+        return {"path": path, "missing": True}
+    stat = os.stat(path)
+    return {"path": path, "size": stat.st_size, "mtime": int(stat.st_mtime)}
+
+
+class Manifest:
+    """``OUTPUT/manifest.json``: ``{"schema", "stages": {"<id>": {"name", "key", "status", ...}}, "versions", "updated"}``."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        self.path = os.path.join(folder, "manifest.json")
+        self.data: dict[str, Any] = {"schema": SCHEMA_VERSION, "stages": {}}
+        if os.path.isfile(self.path):
+            with open(self.path, encoding="utf-8") as f:
+                loaded = json.load(f)
+            if loaded.get("schema") == SCHEMA_VERSION:
+                self.data = loaded
+
+    def stage(self, stage_id: int) -> dict:
+        return self.data["stages"].setdefault(str(stage_id), {"name": STAGE_NAMES[stage_id], "status": "pending"})
+
+    def is_done(self, stage_id: int, key: str) -> bool:
+        record = self.data["stages"].get(str(stage_id))
+        return record is not None and record.get("status") == "done" and record.get("key") == key
+
+    def key_of(self, stage_id: int) -> str | None:
+        return self.data["stages"].get(str(stage_id), {}).get("key")
+
+    def begin(self, stage_id: int, key: str) -> None:
+        record = self.stage(stage_id)
+        if record.get("key") != key:
+            record.clear()
+            record.update(name=STAGE_NAMES[stage_id], status="pending")
+        record.update(key=key, status="running" if record.get("status") != "done" else "done")
+        self.save()
+
+    def finish(self, stage_id: int, key: str, **info: Any) -> None:
+        record = self.stage(stage_id)
+        record.update(key=key, status="done", finished=time.strftime("%Y-%m-%dT%H:%M:%S"), **info)
+        self.save()
+        self.write_last_process_id()
+
+    def update(self, stage_id: int, **info: Any) -> None:
+        self.stage(stage_id).update(**info)
+        self.save()
+
+    def invalidate_from(self, stage_id: int) -> None:
+        """Forget ``stage_id`` and every later stage (their keys changed)."""
+        for sid, _ in STAGES:
+            if sid >= stage_id:
+                self.data["stages"].pop(str(sid), None)
+        self.save()
+        self.write_last_process_id()
+
+    def last_done(self) -> int:
+        """Id of the last stage of the unbroken run of finished stages from 0 (-1 if none): the seed edition's number."""
+        last = -1
+        for sid, _ in STAGES:
+            if self.data["stages"].get(str(sid), {}).get("status") != "done":
+                break
+            last = sid
+        return last
+
+    def save(self) -> None:
+        os.makedirs(self.folder, exist_ok=True)
+        self.data["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        atomic_write_text(self.path, json.dumps(self.data, indent=2, sort_keys=True))
+
+    def write_last_process_id(self) -> None:
+        atomic_write_text(os.path.join(self.folder, "last_process_id.txt"), str(self.last_done()))
