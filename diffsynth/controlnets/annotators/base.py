@@ -14,6 +14,7 @@ import os
 
 import cv2
 import numpy as np
+import torch
 
 ANNOTATOR_URL = "https://huggingface.co/lllyasviel/Annotators/resolve/main/{}"
 
@@ -69,3 +70,30 @@ def resize_for_detection(image: np.ndarray, resolution: int) -> np.ndarray:
     new_h, new_w = detection_size(h, w, resolution)
     upscale = resolution > min(h, w)
     return cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LANCZOS4 if upscale else cv2.INTER_AREA)
+
+
+def check_image(image: np.ndarray, who: str) -> None:
+    """The detector contract's input: an RGB ``uint8`` array of shape ``(h, w, 3)``."""
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        got = f"{image.dtype} array of shape {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
+        raise ValueError(f"{who} takes an RGB uint8 array of shape (h, w, 3), got {got}")
+
+
+class NetworkDetector:
+    """A detector around one torch network (``self.model``): device/dtype handling shared by the neural annotators."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
+        """Move (and optionally cast) the network; returns ``self``."""
+        self.model.to(device=device, dtype=dtype)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype

@@ -32,7 +32,7 @@ from torch import nn
 
 from ...models.loading import instantiate
 from ...models.state_dict import load_state_dict
-from .base import require_annotator_file
+from .base import NetworkDetector, check_image, require_annotator_file
 
 __all__ = ["HED_FILE", "HEDConfig", "HEDStage", "ControlNetHED", "HEDDetector"]
 
@@ -92,18 +92,13 @@ class ControlNetHED(nn.Module):
         return sides
 
 
-def _check_image(image: np.ndarray, who: str) -> None:
-    # The same contract check as the other detectors (base.py's detector contract).
-    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        got = f"{image.dtype} array of shape {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
-        raise ValueError(f"{who} takes an RGB uint8 array of shape (h, w, 3), got {got}")
 
 
-class HEDDetector:
+class HEDDetector(NetworkDetector):
     """``detector(rgb uint8 (h, w, 3)) -> uint8 (h, w)``: soft edges, white on black, any size >= 16."""
 
     def __init__(self, model: ControlNetHED, safe: bool = False):
-        self.model = model
+        super().__init__(model)
         self.safe = safe
 
     @classmethod
@@ -116,21 +111,8 @@ class HEDDetector:
         model = instantiate(ControlNetHED, load_state_dict(path), source=path, what=what, device=device, dtype=dtype)
         return cls(model, safe=safe)
 
-    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
-        """Move (and optionally cast) the network; returns ``self``."""
-        self.model.to(device=device, dtype=dtype)
-        return self
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
-
     def __call__(self, image: np.ndarray) -> np.ndarray:
-        _check_image(image, "HEDDetector")
+        check_image(image, "HEDDetector")
         h, w = image.shape[:2]
         smallest = 2 ** (len(self.model.config.widths) - 1)
         if min(h, w) < smallest:

@@ -35,7 +35,7 @@ from torch import nn
 
 from ...models.loading import instantiate
 from ...models.state_dict import load_state_dict
-from .base import require_annotator_file
+from .base import NetworkDetector, check_image, require_annotator_file
 
 __all__ = ["LINEART_FILE", "LINEART_COARSE_FILE", "LineartConfig", "LineartGenerator", "LineartDetector"]
 
@@ -115,21 +115,13 @@ class LineartGenerator(nn.Module):
         return x
 
 
-def _check_image(image: np.ndarray, who: str) -> None:
-    # The same contract check as the other detectors (base.py's detector contract).
-    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        got = f"{image.dtype} array of shape {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
-        raise ValueError(f"{who} takes an RGB uint8 array of shape (h, w, 3), got {got}")
 
 
-class LineartDetector:
+class LineartDetector(NetworkDetector):
     """``detector(rgb uint8 (h, w, 3)) -> uint8 (h, w)``: white lines on black.
 
     ``h`` and ``w`` must be multiples of 4 (the Annotator front end gives multiples of 64).
     """
-
-    def __init__(self, model: LineartGenerator):
-        self.model = model
 
     @classmethod
     def from_folder(
@@ -141,21 +133,8 @@ class LineartDetector:
         model = instantiate(LineartGenerator, load_state_dict(path), source=path, what=what, device=device, dtype=dtype)
         return cls(model)
 
-    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
-        """Move (and optionally cast) the network; returns ``self``."""
-        self.model.to(device=device, dtype=dtype)
-        return self
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
-
     def __call__(self, image: np.ndarray) -> np.ndarray:
-        _check_image(image, "LineartDetector")
+        check_image(image, "LineartDetector")
         h, w = image.shape[:2]
         multiple = self.model.config.size_multiple
         if h % multiple or w % multiple:

@@ -41,7 +41,7 @@ from torch import nn
 
 from ...models.loading import instantiate
 from ...models.state_dict import load_state_dict
-from .base import require_annotator_file
+from .base import NetworkDetector, check_image, require_annotator_file
 
 __all__ = ["LINEART_ANIME_FILE", "LineartAnimeConfig", "UNetLevel", "LineartAnimeGenerator", "LineartAnimeDetector", "strip_data_parallel_prefix"]
 
@@ -130,18 +130,10 @@ def strip_data_parallel_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str,
     return {k[len(_DATA_PARALLEL_PREFIX):] if k.startswith(_DATA_PARALLEL_PREFIX) else k: v for k, v in state_dict.items()}
 
 
-def _check_image(image: np.ndarray, who: str) -> None:
-    # The same contract check as the other detectors (base.py's detector contract).
-    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        got = f"{image.dtype} array of shape {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
-        raise ValueError(f"{who} takes an RGB uint8 array of shape (h, w, 3), got {got}")
 
 
-class LineartAnimeDetector:
+class LineartAnimeDetector(NetworkDetector):
     """``detector(rgb uint8 (h, w, 3)) -> uint8 (h, w)``: white lines on black, any size."""
-
-    def __init__(self, model: LineartAnimeGenerator):
-        self.model = model
 
     @classmethod
     def from_folder(
@@ -154,21 +146,8 @@ class LineartAnimeDetector:
         model = instantiate(LineartAnimeGenerator, state_dict, source=path, what=what, device=device, dtype=dtype)
         return cls(model)
 
-    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
-        """Move (and optionally cast) the network; returns ``self``."""
-        self.model.to(device=device, dtype=dtype)
-        return self
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
-
     def __call__(self, image: np.ndarray) -> np.ndarray:
-        _check_image(image, "LineartAnimeDetector")
+        check_image(image, "LineartAnimeDetector")
         h, w = image.shape[:2]
         multiple = self.model.config.size_multiple
         fed_size = (multiple * math.ceil(w / multiple), multiple * math.ceil(h / multiple))  # (width, height) for cv2
