@@ -99,6 +99,9 @@ def test_fingerprints_do_not_collide(tmp_path):
     from diffsynth.testing.motion_files import write_motion_module
 
     files["motion_module"] = write_motion_module(str(tmp_path / "mm.ckpt"))
+    from diffsynth.testing.rife_files import write_rife_file
+
+    files["rife"] = write_rife_file(str(tmp_path / "flownet.pkl"))
     folder = factory.write_diffusers_folder(str(tmp_path / "d"))
     files["unet_diffusers"] = os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors")
     files["clip_text"] = os.path.join(folder, "text_encoder", "model.safetensors")

@@ -102,6 +102,11 @@ FINGERPRINTS: tuple[Fingerprint, ...] = (
         required=(r"^down_blocks\.0\.motion_modules\.0\.temporal_transformer\.proj_in\.weight$",),
     ),
     Fingerprint(
+        "rife",
+        "RIFE frame interpolation model (flownet.pkl)",
+        required=(r"^(module\.)?block_tea\.convblock3\.0\.1\.weight$", r"^(module\.)?block0\.conv0\.0\.0\.weight$"),
+    ),
+    Fingerprint(
         "lora",
         "LoRA (kohya/civitai format)",
         required=(r"^lora_(unet|te)_.*\.lora_(up|down)\.weight$",),

@@ -132,6 +132,7 @@ class ModelManager:
             "controlnet": self._load_controlnet,
             "controlnet_diffusers": self._load_controlnet_diffusers_file,
             "motion_module": self._load_motion_module,
+            "rife": self._load_rife,
             "diffusers_folder": self._load_diffusers_folder,
         }.get(kind.family)
         if kind.family == "lora":
@@ -257,6 +258,12 @@ class ModelManager:
             except ValueError as exc:
                 raise ModelFileError(path, f"does not fit the loaded UNet ({exc}).", "Use an SD 1.5 motion module with an SD 1.5 checkpoint.") from exc
         self._put("motion_modules", model, path)
+
+    def _load_rife(self, path: str, components: set[str] | None) -> None:
+        """RIFE's IFNet, always fp32 (as the original; it is not fp16-safe)."""
+        from ..extensions.RIFE import build_rife_model  # the extension depends on models, not the other way
+
+        self._put("RIFE", build_rife_model(load_state_dict(path), source=path, device=self.device), path)
 
     def _load_clip_text_file(self, path: str, components: set[str] | None) -> None:
         sd = convert.convert_clip_text_from_hf(load_state_dict(path, self.torch_dtype))
