@@ -46,6 +46,10 @@ def test_toon_shading_example_runs(tmp_path):
 def test_text_to_video_example_runs(tmp_path):
     factory.write_sd_checkpoint(str(tmp_path / "models/stable_diffusion/dreamshaper_8.safetensors"))
     write_motion_module(str(tmp_path / "models/AnimateDiff/mm_sd_v15_v2.ckpt"))
+    from diffsynth.testing.rife_files import write_rife_file
+
+    os.makedirs(tmp_path / "models/RIFE", exist_ok=True)
+    write_rife_file(str(tmp_path / "models/RIFE/flownet.pkl"))
     result = _run("sd_text_to_video.py", tmp_path, timeout=3000)
     assert result.returncode == 0, result.stderr[-3000:]
     assert os.path.getsize(tmp_path / "output/text_to_video/video.mp4") > 0
