@@ -227,3 +227,16 @@ def test_a_crash_inside_denoising_loses_at_most_one_window(animatediff_pipe, tmp
         handle.remove()
     assert np.array_equal(reference, resumed)
     assert len(calls) <= uninterrupted + per_window, (len(calls), uninterrupted)
+
+
+@torch.no_grad()
+def test_a_different_call_in_the_same_folder_does_not_reuse_stale_frames(animatediff_pipe, tmp_path):
+    kw = dict(num_frames=4, num_inference_steps=2, height=64, width=64, animatediff_batch_size=4, animatediff_stride=2,
+              output_folder=str(tmp_path / "out"), progress_bar_cmd=None)
+    torch.manual_seed(0)
+    a = _array(animatediff_pipe("a cat", **kw))
+    torch.manual_seed(0)
+    b = _array(animatediff_pipe("a dog", **kw))
+    torch.manual_seed(0)
+    fresh = _array(animatediff_pipe("a dog", **dict(kw, output_folder=str(tmp_path / "fresh"))))
+    assert not np.array_equal(a, b) and np.array_equal(b, fresh)

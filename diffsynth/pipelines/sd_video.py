@@ -20,6 +20,7 @@ A step's latents are deleted once the next step's are complete.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import os
@@ -428,6 +429,12 @@ class SDVideoPipeline:
         if global_rng:  # draw from (a copy of) the global RNG, then advance it as the original's randn would
             generator = torch.Generator()
             generator.set_state(torch.get_rng_state())
+        if root is not None:
+            call = dict(prompt=prompt, negative_prompt=negative_prompt, cfg_scale=cfg_scale, clip_skip=clip_skip, num_frames=num_frames,
+                        denoising_strength=denoising_strength, height=height, width=width, num_inference_steps=num_inference_steps,
+                        animatediff_batch_size=animatediff_batch_size, animatediff_stride=animatediff_stride,
+                        cross_frame_attention=cross_frame_attention, smoother=smoother is not None, smoother_progress_ids=sorted(smoother_ids))
+            self._claim_folder(root, call, generator, input_frames, controlnet_frames)
         self.scheduler.set_timesteps(num_inference_steps, denoising_strength)
         progress = _Progress(progress_bar_cmd, progress_callback, progress_bar_st, num_inference_steps)
 
@@ -466,6 +473,42 @@ class SDVideoPipeline:
             decoded = frames
         progress.close()
         return VideoFrames(decoded, keepalive)
+
+    def _claim_folder(self, root: str, call: dict, generator: torch.Generator, input_frames, controlnet_frames) -> None:
+        """Reuse ``root``'s per-frame files only for the same call: same parameters, noise, models and inputs.
+
+        A different call in the same folder clears the previous call's files (with a
+        warning) instead of returning stale frames. The inputs are identified by a
+        hash of their first, middle and last frames (cheap, not exhaustive).
+        """
+        from ..cache.manifest import stable_hash
+
+        def sample(frames):
+            if frames is None or not len(frames):
+                return None
+            if _is_list_of_sequences(frames, len(self.controlnet) if self.controlnet is not None else 0):
+                return [sample(f) for f in frames]
+            picks = sorted({0, len(frames) // 2, len(frames) - 1})
+            return [hashlib.sha256(_image_to_uint8(frames[i]).numpy().tobytes()).hexdigest() for i in picks]
+
+        identity = dict(call, rng=hashlib.sha256(generator.get_state().numpy().tobytes()).hexdigest(),
+                        models=[float(p.float().sum()) for p in (self.unet.out[2].weight, self.text_encoder.text_model.final_layer_norm.weight)],
+                        motion=self.motion_modules is not None, units=[(u.processor.processor_id, u.scale) for u in self.controlnet.units] if self.controlnet else [],
+                        inputs=sample(input_frames), controls=sample(controlnet_frames))
+        key = stable_hash(identity)
+        path = os.path.join(root, "pipeline_call.json")
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                previous = json.load(f).get("key")
+            if previous == key:
+                return
+            logger.warning("%s holds the files of a different pipeline call; clearing them", root)
+            for name in ("controlnet_caches", "latents", "smoothed", "smoother", "frames"):
+                if os.path.isdir(os.path.join(root, name)):
+                    shutil.rmtree(os.path.join(root, name))
+        from ..utils.atomic import atomic_write_text
+
+        atomic_write_text(path, json.dumps({"key": key}))
 
     def _smoothed_step(self, step, latents, nxt, cond_stores, emb_posi, emb_nega, options, progress, smoother, guide, root, shape):
         """x0 of every frame → decode → smoother → encode → ε that lands on the smoothed x0 → DDIM step (the original's loop)."""
