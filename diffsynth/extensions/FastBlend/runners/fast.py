@@ -1,0 +1,216 @@
+"""Fast mode: two streaming Fenwick passes (left, right) into per-frame partial results, then the merge.
+
+Stages (DESIGN §3, stages 6-8), each resumable from its per-frame files:
+
+1. left pass: ``L_t`` (the window ``[t - w, t]`` blended onto frame ``t``) into ``left``;
+2. right pass: the same on the reversed sequence, ``R_t`` for ``[t, t + w]``, into ``right``;
+3. merge: ``F_t = (w_L·L_t + w_R·R_t − style_t) / (w_L + w_R − 1)`` (the centre frame is in both
+   halves, so it is taken out once), clipped and truncated to uint8, into ``out``.
+
+The weights are counts, ``w_L = t − max(t − w, 0) + 1`` and ``w_R = min(t + w, N − 1) − t + 1``,
+so the partial files hold only the frame. They are float16 by default (``partial_dtype``): half
+the disk of float32, and the merge moves by at most ~0.07 of a level (float16 keeps 11 bits;
+values are at most 255), below the uint8 step. Pass ``torch.float32`` to keep them exact.
+
+Memory: the nodes alive (about ``w + 1`` float32 frames, see :mod:`.fenwick`), the table
+accumulators of the frames in the current table batch, the window accumulators of the targets
+in the current window batch, and an LRU of recently read uint8 frames; nothing grows with N.
+"""
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from typing import Any
+
+import torch
+
+from ....cache import Prefetcher, Store, WriteBehind, image_store, tensor_store
+from .common import (BatchLoader, EngineSettings, FrameReader, MatcherFactory, Progress, RunStats, check_output_store,
+                     derive_seed, engine_device, open_inputs, prefetched, remap, save_original_style, to_output_frame)
+from .fenwick import NodeReady, TableBatch, WindowBatch, fast_pass_plan
+
+__all__ = ["fast_blend", "fast_pass", "merge_partials", "FastModeRunner"]
+
+logger = logging.getLogger("diffsynth")
+
+
+def fast_blend(guide: Any, style: Any, out: Store | None = None, *, window_size: int = 60, batch_size: int = 8,
+               matcher_factory: MatcherFactory | None = None, seed: int = 0, left: Store | None = None,
+               right: Store | None = None, partial_dtype: torch.dtype = torch.float16, frame_cache: int | None = None,
+               progress_bar_cmd=None, progress_callback=None, stats: RunStats | None = None) -> Store:
+    """Deflicker ``style`` guided by ``guide`` (stores or frame sequences) in fast mode; returns ``out``.
+
+    ``out`` is a writable image store of ``N`` slots (default: in memory); ``left`` and ``right``
+    are tensor stores of ``N`` slots for the partial results (default: in memory; pass disk
+    stores, e.g. ``tensor_store("out/smoother/left", N)``, for long videos and resuming).
+    Everything already committed in ``out``/``left``/``right`` is kept; a rerun computes only
+    what is missing and gives the same frames as an uninterrupted run. The stores must hold
+    results of these same inputs and settings (``FastBlendSmoother`` keys its cache folder so).
+    ``frame_cache`` is how many decoded frames of each input to keep (default
+    ``window_size + batch_size + 2``, about one read per frame and pass).
+    """
+    guide, style, n, (width, height) = open_inputs(guide, style)
+    if window_size < 0 or batch_size < 1:
+        raise ValueError(f"window_size must be >= 0 and batch_size >= 1, got {window_size} and {batch_size}")
+    out = check_output_store(out if out is not None else image_store(None, n, size=(width, height)), n, "result")
+    if out.complete():
+        return out
+    shape = (height, width, 3)
+    left = check_output_store(left if left is not None else tensor_store(None, n, shape=shape, dtype=partial_dtype), n, "left")
+    right = check_output_store(right if right is not None else tensor_store(None, n, shape=shape, dtype=partial_dtype), n, "right")
+    capacity = min(n, frame_cache if frame_cache is not None else window_size + batch_size + 2)
+    readers = {"guide": FrameReader(guide, (width, height), capacity, "guide"),
+               "style": FrameReader(style, (width, height), capacity, "style")}
+    factory = matcher_factory if matcher_factory is not None else EngineSettings()
+    matcher = factory(height, width)
+    device = engine_device(matcher)
+    stats = stats if stats is not None else RunStats()
+    for direction, partial in (("left", left), ("right", right)):
+        fast_pass(direction, readers, partial, matcher, device, window_size=window_size, batch_size=batch_size, seed=seed,
+                  partial_dtype=partial_dtype, progress=(progress_bar_cmd, progress_callback), stats=stats)
+    merge_partials(left, right, readers["style"].store, out, window_size, size=(width, height),
+                   progress=(progress_bar_cmd, progress_callback))
+    return out
+
+
+def fast_pass(direction: str, readers: dict[str, FrameReader], partial: Store, matcher, device, *, window_size: int,
+              batch_size: int, seed: int, partial_dtype: torch.dtype = torch.float16, progress=(None, None),
+              stats: RunStats | None = None) -> None:
+    """One pass (``"left"`` or ``"right"``) of fast mode, writing ``L_t`` (or ``R_t``) of every missing frame into ``partial``.
+
+    The right pass is the left pass on the reversed sequence: pass position ``k`` is frame
+    ``N − 1 − k``. It resumes after the longest committed run of frames from its start.
+    """
+    if direction not in ("left", "right"):
+        raise ValueError(f"direction must be 'left' or 'right', got {direction!r}")
+    n = len(partial)
+    missing = partial.missing()
+    if not missing:
+        return
+    forward = direction == "left"
+
+    def frame(k: int) -> int:
+        return k if forward else n - 1 - k
+
+    resume_from = missing[0] if forward else n - 1 - missing[-1]
+    if resume_from:
+        logger.info("FastBlend %s pass: resuming at frame %d of %d", direction, frame(resume_from), n)
+    stats = stats if stats is not None else RunStats()
+
+    def needs(event):
+        if isinstance(event, TableBatch):
+            return [(kind, frame(k)) for task in event.tasks
+                    for kind, k in (("guide", task.source), ("guide", task.target), ("style", task.source))]
+        if isinstance(event, WindowBatch):
+            return [("guide", frame(k)) for task in event.tasks for k in (task.source, task.target)]
+        if isinstance(event, NodeReady):
+            return [("style", frame(event.frame))]
+        return []
+
+    nodes: dict[tuple[int, int], torch.Tensor] = {}  # (frame, level) -> float32 node, alive until its last user
+    free_after: dict[int, list[tuple[int, int]]] = defaultdict(list)  # last user -> nodes to free then
+    table_sums: dict[int, dict[int, list]] = {}  # frame -> level -> [sum of remaps, count]
+    window_sums: dict[int, torch.Tensor] = {}  # target -> sum of 2**level · remapped node
+
+    def held() -> None:
+        accumulators = sum(len(levels) for levels in table_sums.values()) + len(window_sums)
+        stats.held(len(nodes), len(nodes) + accumulators)
+
+    bar = Progress(f"FastBlend {direction} pass", n - resume_from, *progress)
+    events = fast_pass_plan(n, window_size, batch_size, resume_from)
+    with WriteBehind(partial, max_pending=2) as writer, prefetched(BatchLoader(readers, needs), events) as stream:
+        for event, frames in stream:
+            if isinstance(event, TableBatch):
+                tasks = event.tasks
+                call_seed = derive_seed(seed, "fast", direction, "table", tuple((t.source, t.target, t.level) for t in tasks))
+                results = remap(matcher, device, [frames["guide", frame(t.source)] for t in tasks],
+                                [frames["guide", frame(t.target)] for t in tasks],
+                                [frames["style", frame(t.source)] for t in tasks], call_seed)
+                stats.engine_calls += 1
+                stats.remaps += len(tasks)
+                for task, result in zip(tasks, results):
+                    if task.keep:
+                        acc = table_sums.setdefault(task.target, {}).setdefault(task.level, [0.0, 0])
+                        acc[0] = acc[0] + result
+                        acc[1] += 1
+                held()
+            elif isinstance(event, NodeReady):
+                sums = table_sums.pop(event.frame, {})
+                keep = dict(event.levels)
+                node = frames["style", frame(event.frame)].to(torch.float32)
+                for level in range(event.top + 1):
+                    if level:  # B[s][k] = (B[s][k-1] + T[s][k]) / 2, both halves weigh 2**(k-1)
+                        total, count = sums[level]
+                        node = (node + total / count) / 2
+                    if level in keep:
+                        nodes[event.frame, level] = node
+                        free_after[keep[level]].append((event.frame, level))
+                held()
+            elif isinstance(event, WindowBatch):
+                tasks = event.tasks
+                call_seed = derive_seed(seed, "fast", direction, "window", tuple((t.source, t.level, t.target) for t in tasks))
+                results = remap(matcher, device, [frames["guide", frame(t.source)] for t in tasks],
+                                [frames["guide", frame(t.target)] for t in tasks],
+                                [nodes[t.source, t.level] for t in tasks], call_seed)
+                stats.engine_calls += 1
+                stats.remaps += len(tasks)
+                for task, result in zip(tasks, results):
+                    if task.keep:
+                        weighted = result * float(1 << task.level)
+                        window_sums[task.target] = window_sums[task.target] + weighted if task.target in window_sums else weighted
+                held()
+            else:  # TargetReady
+                t = event.target
+                if event.keep:
+                    value = nodes[t, event.level] * float(1 << event.level)
+                    remapped = window_sums.pop(t, None)
+                    if remapped is not None:
+                        value = value + remapped
+                    writer.put(frame(t), (value / event.weight).to(partial_dtype))
+                    stats.frames_written += 1
+                    bar.update()
+                for key in free_after.pop(t, ()):
+                    del nodes[key]
+    bar.close()
+
+
+class _Zip:
+    """``zip[i] -> (a[i], b[i], c[i])``, a duck-typed store for one Prefetcher over three stores."""
+
+    def __init__(self, *stores):
+        self.stores = stores
+
+    def __getitem__(self, i):
+        return tuple(store[i] for store in self.stores)
+
+
+def merge_partials(left: Store, right: Store, style: Store, out: Store, window_size: int, *, size: tuple[int, int],
+                   progress=(None, None)) -> None:
+    """Write ``F_t = (w_L·L_t + w_R·R_t − style_t) / (w_L + w_R − 1)`` of every frame missing from ``out``."""
+    n = len(out)
+    todo = out.missing()
+    if not todo:
+        return
+    bar = Progress("FastBlend merge", len(todo), *progress)
+    style_frames = FrameReader(style, size, 1, "style")  # used on the prefetch thread only
+    with WriteBehind(out, max_pending=2) as writer:
+        for t, (left_t, right_t, style_t) in Prefetcher(_Zip(left, right, style_frames), todo):
+            weight_left = t - max(t - window_size, 0) + 1
+            weight_right = min(t + window_size, n - 1) - t + 1
+            blended = left_t.to(torch.float32) * weight_left + right_t.to(torch.float32) * weight_right - style_t.to(torch.float32)
+            writer.put(t, to_output_frame(blended / (weight_left + weight_right - 1)))
+            bar.update()
+    bar.close()
+
+
+class FastModeRunner:
+    """The original's runner interface: ``FastModeRunner().run(frames_guide, frames_style, batch_size, window_size, ebsynth_config, save_path=None)``.
+
+    Returns the result store (frames also saved as ``save_path/%05d.png`` when given, as the original).
+    """
+
+    def run(self, frames_guide, frames_style, batch_size, window_size, ebsynth_config, save_path=None, **kwargs):
+        out = fast_blend(frames_guide, frames_style, window_size=window_size, batch_size=batch_size,
+                         matcher_factory=EngineSettings(**ebsynth_config), **kwargs)
+        save_original_style(out, save_path)
+        return out

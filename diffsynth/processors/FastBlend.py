@@ -1,0 +1,308 @@
+"""``FastBlendSmoother``: the FastBlend deflicker (arXiv 2311.09265) as a video processor, streaming through a cache.
+
+Called as ``smoother(rendered_frames, original_frames=guide)`` (by ``SDVideoPipeline`` at
+``smoother_progress_ids`` or as a final pass, or in a ``SequencialProcessor`` chain); returns a
+lazy sequence of PIL frames. The modes and their math are in
+:mod:`diffsynth.extensions.FastBlend.runners`.
+
+Where the intermediate results live (``cache_folder``):
+
+- a folder: ``cache_folder/smoother/left/``, ``right/`` (fast mode's per-frame partial results,
+  ``.npy``) and ``blended/`` (result PNGs), plus ``key.json``. Every file is committed
+  atomically; calling again with the same inputs and settings continues where a killed run
+  stopped, and returns the same frames as an uninterrupted run. The key hashes the settings
+  and the pixels of every input frame (one extra read of the inputs), so different inputs,
+  e.g. the next denoising step's frames, never reuse stale results: the folder is emptied
+  and recomputed.
+- ``None``: in memory when the clip is short (fast mode's float16 partial results and the
+  frames take at most :attr:`FastBlendSmoother.in_memory_limit` bytes, 256 MiB: about 65
+  frames at 512²), else a temporary folder (under ``$TMPDIR``), removed when the returned
+  frames are garbage-collected. ``in_memory=`` forces either. For long videos give a folder
+  on a real disk: ``/tmp`` is RAM on many systems, and a temporary folder does not resume.
+
+``left/`` and ``right/`` are emptied once ``blended/`` is complete unless
+``keep_partials=True`` (DESIGN §3, "Disk budget").
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from ..cache import Prefetcher, Store, as_store, image_store, tensor_store
+from ..extensions.FastBlend.runners import (EngineSettings, StoreFrames, accurate_blend, balanced_blend, fast_blend,
+                                            interpolate_keyframes)
+from ..extensions.FastBlend.runners.common import RunStats, frame_size, open_inputs, to_uint8_frame
+from ..utils.atomic import atomic_write_text
+from .base import VideoProcessor
+
+__all__ = ["FastBlendSmoother", "INFERENCE_MODES"]
+
+logger = logging.getLogger("diffsynth")
+
+INFERENCE_MODES = ("fast", "balanced", "accurate", "interpolation")
+"""Valid ``inference_mode`` values."""
+
+_KEY_VERSION = 1  # bump when the numbers a mode computes change
+_SUBFOLDERS = ("left", "right", "blended")
+
+
+class FastBlendSmoother(VideoProcessor):
+    """FastBlend deflicker with DiffSynth-Studio's parameters and defaults.
+
+    ``inference_mode``: ``"fast"`` (Fenwick tables, ``O(log w)`` patch matches per frame),
+    ``"balanced"`` (``2w`` per frame), ``"accurate"`` (``2w + 1`` per frame, matched against the
+    window's mean) or ``"interpolation"`` (render every guide frame from a few stylized
+    keyframes; see :meth:`__call__`). ``window_size`` is ``w`` (frames each side),
+    ``batch_size`` the patch matches per engine call; the engine settings are the original's
+    ``ebsynth_config``. ``device=None``: CUDA when available, else the CPU. ``seed`` makes
+    ``initialize="random"`` and the random search reproducible (each engine call's seed is
+    derived from it and the frames it matches).
+
+    Keyword-only extras: ``backend`` (engine backend, ``"auto"``/``"torch"``/``"cupy"``),
+    ``partial_dtype`` (fast mode's partial files, float16 by default, see
+    :mod:`...runners.fast`), ``keep_partials``, ``in_memory`` (``None``: decide by size),
+    ``frame_cache`` (decoded uint8 frames kept per input; default: a window's worth),
+    ``matcher_factory`` (another engine, e.g. a stand-in in tests), ``progress_bar_cmd``
+    (e.g. ``tqdm``) and ``progress_callback`` (``ProgressEvent``s).
+    """
+
+    in_memory_limit = 256 * 2**20
+
+    def __init__(self, inference_mode: str = "fast", batch_size: int = 8, window_size: int = 60,
+                 minimum_patch_size: int = 5, threads_per_block: int = 8, num_iter: int = 5, gpu_id: int = 0,
+                 guide_weight: float = 10.0, initialize: str = "identity", tracking_window_size: int = 0,
+                 device: str | torch.device | None = None, cache_folder: str | os.PathLike | None = None, seed: int = 0,
+                 *, backend: str = "auto", partial_dtype: torch.dtype = torch.float16, keep_partials: bool = False,
+                 in_memory: bool | None = None, frame_cache: int | None = None, matcher_factory=None,
+                 progress_bar_cmd=None, progress_callback=None):
+        if inference_mode not in INFERENCE_MODES:
+            raise ValueError(f"unknown inference_mode {inference_mode!r}; valid modes: {', '.join(INFERENCE_MODES)}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if window_size < 0:
+            raise ValueError(f"window_size must be >= 0 (frames on each side), got {window_size}")
+        if partial_dtype not in (torch.float16, torch.float32):
+            raise ValueError(f"partial_dtype must be torch.float16 or torch.float32, got {partial_dtype}")
+        self.inference_mode = inference_mode
+        self.batch_size = batch_size
+        self.window_size = window_size
+        self.device = str(device) if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+        self.engine = EngineSettings(minimum_patch_size=minimum_patch_size, threads_per_block=threads_per_block,
+                                     num_iter=num_iter, gpu_id=gpu_id, guide_weight=guide_weight, initialize=initialize,
+                                     tracking_window_size=tracking_window_size, device=self.device, backend=backend)
+        self.cache_folder = None if cache_folder is None else os.fspath(cache_folder)
+        self.seed = int(seed)
+        self.partial_dtype = partial_dtype
+        self.keep_partials = keep_partials
+        self.in_memory = in_memory
+        self.frame_cache = frame_cache
+        self.matcher_factory = matcher_factory
+        self.progress_bar_cmd = progress_bar_cmd
+        self.progress_callback = progress_callback
+        self.last_stats: RunStats | None = None
+
+    @classmethod
+    def from_model_manager(cls, model_manager, **config: Any) -> "FastBlendSmoother":
+        """``FastBlendSmoother(**config)`` on the model manager's device unless ``config`` names one."""
+        config.setdefault("device", getattr(model_manager, "device", None))
+        return cls(**config)
+
+    def __repr__(self) -> str:
+        return (f"FastBlendSmoother(inference_mode={self.inference_mode!r}, window_size={self.window_size}, "
+                f"batch_size={self.batch_size}, device={self.device!r}, cache_folder={self.cache_folder!r})")
+
+    # ------------------------------------------------------------------ call
+
+    def __call__(self, rendered_frames, original_frames=None, keyframe_indices=None, **kwargs: Any) -> StoreFrames:
+        """The deflickered frames, a lazy sequence of PIL images backed by the cache.
+
+        ``rendered_frames`` is the style (the frames to deflicker), ``original_frames`` the
+        guide video (motion comes from it). Without ``original_frames`` the rendered frames
+        guide themselves (logged; the original crashed). Other keywords a processor chain
+        passes along are accepted and unused.
+
+        Interpolation mode: ``rendered_frames`` are the keyframes, a mapping
+        ``{frame index: image}``, a store of ``len(original_frames)`` slots holding only the
+        keyframes, or a sequence with ``keyframe_indices``; ``original_frames`` is required
+        and every one of its frames is rendered.
+        """
+        if self.inference_mode == "interpolation":
+            if original_frames is None:
+                raise ValueError("interpolation renders the frames of original_frames (the guide video) from the keyframes "
+                                 "in rendered_frames; original_frames is required")
+            return self._run(as_store(original_frames), rendered_frames, keyframe_indices)
+        if original_frames is None:
+            logger.info("FastBlend: no original_frames given, so the rendered frames guide themselves "
+                        "(motion is estimated from the flickering frames)")
+            original_frames = rendered_frames
+        if keyframe_indices is not None:
+            raise ValueError(f"keyframe_indices is for inference_mode='interpolation', not {self.inference_mode!r}")
+        guide, style, _, _ = open_inputs(original_frames, rendered_frames)
+        return self._run(guide, style, None)
+
+    def smooth(self, guide, style, result_folder: str | os.PathLike | None = None, keyframe_indices=None) -> StoreFrames:
+        """Like ``__call__(style, original_frames=guide)``, with the result frames in ``result_folder`` (the CLI's ``out/frames``)."""
+        if self.inference_mode != "interpolation":
+            guide, style, _, _ = open_inputs(guide, style)
+        else:
+            guide = as_store(guide)
+        return self._run(guide, style, keyframe_indices, result_folder)
+
+    # ------------------------------------------------------------------ internals
+
+    def _run(self, guide: Store, style, keyframe_indices, result_folder=None) -> StoreFrames:
+        interpolation = self.inference_mode == "interpolation"
+        n = len(guide) if interpolation else len(style)
+        size = self._size(style, keyframe_indices) if interpolation else frame_size(style[0])
+        root, keepalive = self._root(n, size, result_folder)
+        stores = self._stores(root, n, size, result_folder)
+        if root is not None:
+            self._check_key(root, stores, guide, style, keyframe_indices, n, size)
+        elif result_folder is not None:  # nothing records what made its files: start afresh
+            stores["result"].clear()
+        out = stores["result"]
+        if not out.complete():
+            stats = RunStats()
+            self._dispatch(guide, style, keyframe_indices, stores, stats)
+            self.last_stats = stats
+            if self.device.startswith("cuda"):
+                torch.cuda.empty_cache()  # the original freed CuPy's pools here: give the VRAM back to the pipeline
+        if not self.keep_partials and "left" in stores and root is not None:
+            for name in ("left", "right"):
+                stores[name].clear()
+        return StoreFrames(out, keepalive)
+
+    def _dispatch(self, guide, style, keyframe_indices, stores, stats) -> None:
+        common = dict(batch_size=self.batch_size, matcher_factory=self.matcher_factory or self.engine, seed=self.seed,
+                      frame_cache=self.frame_cache,
+                      progress_bar_cmd=self.progress_bar_cmd, progress_callback=self.progress_callback, stats=stats)
+        mode = self.inference_mode
+        if mode == "fast":
+            fast_blend(guide, style, stores["result"], window_size=self.window_size, left=stores["left"],
+                       right=stores["right"], partial_dtype=self.partial_dtype, **common)
+        elif mode == "balanced":
+            balanced_blend(guide, style, stores["result"], window_size=self.window_size, **common)
+        elif mode == "accurate":
+            accurate_blend(guide, style, stores["result"], window_size=self.window_size, **common)
+        elif mode == "interpolation":
+            interpolate_keyframes(guide, style, stores["result"], keyframe_indices=keyframe_indices,
+                                  tracking_window_size=self.engine.tracking_window_size, **common)
+        else:  # __init__ validated the mode; this guards a later edit of INFERENCE_MODES
+            raise ValueError(f"unknown inference_mode {mode!r}; valid modes: {', '.join(INFERENCE_MODES)}")
+
+    @staticmethod
+    def _size(keyframes, keyframe_indices) -> tuple[int, int]:
+        if isinstance(keyframes, Mapping):
+            if not keyframes:
+                raise ValueError("interpolation needs at least one keyframe, got an empty mapping")
+            return frame_size(keyframes[min(keyframes)])
+        store = as_store(keyframes)
+        if keyframe_indices is not None:
+            if len(store) == 0:
+                raise ValueError("interpolation needs at least one keyframe, got none")
+            return frame_size(store[0])
+        present = [i for i in range(len(store)) if i in store]
+        if not present:
+            raise ValueError("interpolation needs at least one keyframe; the keyframe store holds none")
+        return frame_size(store[present[0]])
+
+    def _root(self, n: int, size: tuple[int, int], result_folder):
+        """``(folder or None, keepalive)``: where the stores live (see the module docstring)."""
+        if self.cache_folder is not None:
+            return os.path.join(self.cache_folder, "smoother"), None
+        in_memory = self.in_memory
+        if in_memory is None:
+            width, height = size
+            per_frame = width * height * 3 * (1 + (2 * self.partial_dtype.itemsize if self.inference_mode == "fast" else 0))
+            in_memory = n * per_frame <= self.in_memory_limit and result_folder is None
+        if in_memory:
+            return None, None
+        keepalive = tempfile.TemporaryDirectory(prefix="diffsynth_fastblend_")
+        return keepalive.name, keepalive
+
+    def _stores(self, root, n, size, result_folder) -> dict[str, Store]:
+        width, height = size
+
+        def sub(name):
+            return None if root is None else os.path.join(root, name)
+
+        result = result_folder if result_folder is not None else sub("blended")
+        stores = {"result": image_store(None if result is None else os.fspath(result), n, size=size)}
+        if self.inference_mode == "fast":
+            for name in ("left", "right"):
+                stores[name] = tensor_store(sub(name), n, shape=(height, width, 3), dtype=self.partial_dtype)
+        return stores
+
+    def _check_key(self, root, stores, guide, style, keyframe_indices, n, size) -> None:
+        """Empty the stores unless ``root/key.json`` says they were computed from these inputs and settings."""
+        key = self._key(guide, style, keyframe_indices, n, size)
+        path = os.path.join(root, "key.json")
+        try:
+            with open(path, encoding="utf-8") as f:
+                old = json.load(f).get("key")
+        except (OSError, ValueError):
+            old = None
+        if old == key:
+            return
+        if old is not None or any(len(store) - len(store.missing()) for store in stores.values()):
+            logger.info("FastBlend: the inputs or settings changed since %s was written; recomputing", root)
+        for store in stores.values():
+            store.clear()
+        for name in _SUBFOLDERS:  # another mode's files (e.g. fast's partials before a switch to balanced)
+            folder = os.path.join(root, name)
+            if os.path.isdir(folder) and folder not in {getattr(store, "folder", None) for store in stores.values()}:
+                shutil.rmtree(folder)
+        os.makedirs(root, exist_ok=True)
+        atomic_write_text(path, json.dumps({"key": key, "mode": self.inference_mode, "frames": n,
+                                            "size": list(size)}, indent=1))
+
+    def _key(self, guide, style, keyframe_indices, n, size) -> str:
+        settings = dict(version=_KEY_VERSION, mode=self.inference_mode, window_size=self.window_size,
+                        batch_size=self.batch_size, seed=self.seed, engine=self.engine.as_dict(),
+                        partial_dtype=str(self.partial_dtype), frames=n, size=list(size),
+                        engine_factory=_name_of(self.matcher_factory))
+        digest = hashlib.blake2b(json.dumps(settings, sort_keys=True).encode(), digest_size=16)
+        digest.update(_fingerprint(guide, range(n), size))
+        if self.inference_mode != "interpolation":
+            digest.update(_fingerprint(as_store(style), range(n), size))
+        elif isinstance(style, Mapping):
+            digest.update(repr(sorted(style)).encode())
+            digest.update(_fingerprint(_MappingView(style), sorted(style), size))
+        else:
+            store = as_store(style)
+            indices = list(range(len(store))) if keyframe_indices is not None else [i for i in range(len(store)) if i in store]
+            digest.update(repr((keyframe_indices, indices)).encode())
+            digest.update(_fingerprint(store, indices, size))
+        return digest.hexdigest()
+
+
+def _name_of(factory) -> str | None:
+    """A stable name of a custom matcher factory for the key (a repr may hold a memory address)."""
+    if factory is None:
+        return None
+    return getattr(factory, "__qualname__", type(factory).__qualname__)
+
+
+class _MappingView:
+    def __init__(self, mapping):
+        self.mapping = mapping
+
+    def __getitem__(self, i):
+        return self.mapping[i]
+
+
+def _fingerprint(frames, indices, size) -> bytes:
+    """A hash of the pixels of ``frames[i]`` for ``i`` in ``indices`` (read ahead on a thread)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for i, frame in Prefetcher(frames, indices):
+        digest.update(i.to_bytes(8, "little"))
+        digest.update(to_uint8_frame(frame, size).numpy().tobytes())
+    return digest.digest()
