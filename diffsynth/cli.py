@@ -1,11 +1,10 @@
-"""Command line: ``diffsynth info | txt2img | demo``."""
+"""Command line: ``diffsynth info | txt2img | run | status | clean | demo``."""
 from __future__ import annotations
 
 import argparse
 import logging
 import os
 import sys
-import tempfile
 from collections import Counter
 
 import torch
@@ -73,26 +72,268 @@ def cmd_txt2img(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------- video runner: run, status, clean, demo
+
+
+def load_config(path: str) -> dict:
+    """A runner config from a ``.json`` or ``.yaml``/``.yml`` file (YAML needs PyYAML)."""
+    import json
+
+    ext = os.path.splitext(path)[1].lower()
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if ext in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise ValueError(f"{path} is YAML, and reading YAML needs PyYAML: `pip install pyyaml`, or give the config as JSON") from None
+        config = yaml.safe_load(text)
+    elif ext == ".json":
+        try:
+            config = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path} is not valid JSON: {exc}") from None
+    else:
+        raise ValueError(f"{path}: give the config as .json or .yaml (got {ext or 'no extension'!r})")
+    if not isinstance(config, dict) or not {"models", "data", "pipeline"} <= set(config):
+        raise ValueError(f"{path} is not a runner config: it needs the keys models, data and pipeline (as DiffSynth-Studio's Diffutoon examples)")
+    return config
+
+
+def _render(config: dict, rerun_hint: str) -> int:
+    """Run the video runner with a progress bar; on Ctrl-C or a stopped run, say how to continue."""
+    from .pipelines.runner import RunError, SDVideoPipelineRunner
+
+    out = config["data"]["output_folder"]
+    try:
+        SDVideoPipelineRunner().run(config)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted. Finished work is kept in {out}; {rerun_hint} to continue where it stopped "
+              f"(`diffsynth status {out}` shows what is done).", file=sys.stderr)
+        return 130
+    except RunError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Render a video from a runner config; rerunning the same config resumes."""
+    config = load_config(args.config)
+    code = _render(config, f"run `diffsynth run {args.config}` again")
+    if code == 0:
+        out = config["data"]["output_folder"]
+        print(f"done: {os.path.join(out, 'frames')}, {os.path.join(out, 'video.mp4')}")
+    return code
+
+
+# Where each stage's files live, relative to the output folder (runner.py and sd_video.py's layout).
+_STAGE_FOLDERS = {0: ["source_images"], 1: ["controlnet_caches"], 2: ["prompt"], 3: ["latents/step_000"],
+                  6: ["smoother/left"], 7: ["smoother/right"], 9: ["video.mp4"]}
+_INTERMEDIATES = ("source_images", "controlnet_caches", "prompt", "latents", "smoothed", "smoother")
+_FINAL = ("frames", "video.mp4")
+_RUN_FILES = ("manifest.json", "last_process_id.txt")
+
+
+def _bytes(path: str) -> int:
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
+
+
+def _count_items(folder: str) -> int:
+    """Committed per-frame files in ``folder`` (``000012.png``, ``000012.npy``; temporary files excluded)."""
+    if not os.path.isdir(folder):
+        return 0
+    return sum(1 for name in os.listdir(folder) if name.split(".")[0].isdigit() and not name.startswith("."))
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def stage_table(out: str, config: dict | None = None) -> dict:
+    """What ``diffsynth status`` shows: per stage its status, frames done, bytes on disk and whether its key is valid.
+
+    ``config`` defaults to ``out/config.json``, the config of the last run; the keys are
+    recomputed from it (inputs are opened, no model is loaded) and compared with those the
+    manifest recorded: ``stale`` means a rerun of that config recomputes the stage.
+    """
+    import json
+
+    from .cache.manifest import STAGES, Manifest
+    from .pipelines.runner import SDVideoPipelineRunner
+
+    if not os.path.isfile(os.path.join(out, "manifest.json")) and not os.path.isfile(os.path.join(out, "config.json")):
+        raise ValueError(f"{out} is not a runner output folder (it has no manifest.json or config.json)")
+    manifest = Manifest(out)
+    if config is None and os.path.isfile(os.path.join(out, "config.json")):
+        with open(os.path.join(out, "config.json"), encoding="utf-8") as f:
+            config = json.load(f)
+    keys, key_problem, n = None, None, manifest.data["stages"].get("0", {}).get("frames")
+    if config is not None:
+        try:
+            plan = SDVideoPipelineRunner(progress_bar_cmd=None).prepare(config)
+            keys, n = SDVideoPipelineRunner.stage_keys(plan), plan["num_frames"]
+        except (ValueError, OSError) as exc:
+            key_problem = str(exc)
+    inputs = (config or {}).get("pipeline", {}).get("pipeline_inputs", {})
+    record4 = manifest.data["stages"].get("4", {})
+    steps = record4.get("steps", inputs.get("num_inference_steps", 20))
+    ids = set(inputs.get("smoother_progress_ids", []))
+    final_smoothing = bool((config or {}).get("smoother_configs")) and (-1 in ids or steps in ids)
+    latents = os.path.join(out, "latents")
+    step_folders = sorted(f"latents/{d}" for d in (os.listdir(latents) if os.path.isdir(latents) else []) if d.startswith("step_") and d != "step_000")
+    smoother_other = [f"smoother/{d}" for d in (os.listdir(os.path.join(out, "smoother")) if os.path.isdir(os.path.join(out, "smoother")) else [])
+                      if d not in ("left", "right")]
+    folders = dict(_STAGE_FOLDERS)
+    folders[4] = step_folders + ["smoothed"]
+    folders[5] = ["latents/decoded" if final_smoothing else "frames"]
+    folders[8] = smoother_other + (["frames"] if final_smoothing else [])
+
+    def frames_done(sid: int, record: dict) -> str:
+        if n is None:
+            return "-"
+        if sid == 1:
+            units = len((config or {}).get("models", {}).get("controlnet_units", []))
+            if not units:
+                return "-"
+            return f"{sum(_count_items(os.path.join(out, 'controlnet_caches', str(k))) for k in range(units))}/{n * units}"
+        if sid == 4:
+            done = record.get("steps_done", 0)
+            if record.get("status") == "done":
+                return f"{done}/{steps} steps"
+            partial = _count_items(os.path.join(latents, f"step_{done + 1:03d}"))
+            return f"{done}/{steps} steps" + (f", {partial}/{n} of step {done + 1}" if partial else "")
+        if sid in (2, 9) or (sid == 8 and not final_smoothing):
+            return "-"
+        folder = folders[sid][0] if folders[sid] else None
+        if folder is None or not os.path.isdir(os.path.join(out, folder)):
+            return "-"
+        return f"{_count_items(os.path.join(out, folder))}/{n}"
+
+    rows = []
+    for sid, name in STAGES:
+        record = manifest.data["stages"].get(str(sid), {})
+        size = sum(_bytes(os.path.join(out, f)) for f in folders[sid] if os.path.exists(os.path.join(out, f)))
+        status = {"done": "done", "running": "partial"}.get(record.get("status"), "pending")
+        if status == "pending" and size:
+            status = "partial"
+        recorded = record.get("key")
+        key = "-" if recorded is None or keys is None else ("valid" if recorded == keys[sid] else "stale")
+        note = record.get("skipped") or record.get("note") or ""
+        if status == "done" and not size and not note and folders[sid]:
+            note = "consumed by denoising" if sid == 3 else "files deleted once used"
+        rows.append({"id": sid, "name": name, "status": status, "frames": frames_done(sid, record), "bytes": size, "key": key, "note": note})
+    return {"out": out, "frames": n, "rows": rows, "last_done": manifest.last_done(), "key_problem": key_problem, "total_bytes": _bytes(out)}
+
+
+def format_stage_table(table: dict) -> str:
+    lines = [f"{table['out']}: {table['frames'] if table['frames'] is not None else '?'} frames, "
+             f"last finished stage {table['last_done']} (last_process_id.txt), {_human(table['total_bytes'])} on disk"]
+    header = f"{'id':>2}  {'stage':<24} {'status':<8} {'frames':<26} {'disk':>10}  {'key':<6} note"
+    lines += [header, "-" * len(header)]
+    for r in table["rows"]:
+        lines.append(f"{r['id']:>2}  {r['name']:<24} {r['status']:<8} {r['frames']:<26} {_human(r['bytes']):>10}  {r['key']:<6} {r['note']}".rstrip())
+    if table["key_problem"]:
+        lines.append(f"keys not checked: {table['key_problem']}")
+    return "\n".join(lines)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    config = load_config(args.config) if args.config else None
+    table = stage_table(args.output_dir, config)
+    print(format_stage_table(table))
+    if any(r["status"] != "done" or r["key"] == "stale" for r in table["rows"]):
+        print(f"\nto continue (or update) this render: diffsynth run {args.config or os.path.join(args.output_dir, 'config.json')}")
+    return 0
+
+
+def cmd_clean(args: argparse.Namespace) -> int:
+    """Delete the intermediates (``--keep-final``: keep frames/, video.mp4, config and manifest) or everything but config.json."""
+    import shutil
+
+    from .utils.atomic import is_temp_name
+
+    out = args.output_dir
+    if not os.path.isfile(os.path.join(out, "manifest.json")) and not os.path.isfile(os.path.join(out, "config.json")):
+        raise ValueError(f"{out} is not a runner output folder (it has no manifest.json or config.json); nothing removed")
+    names = list(_INTERMEDIATES) + ([] if args.keep_final else list(_FINAL) + list(_RUN_FILES))
+    names += [n for n in os.listdir(out) if is_temp_name(n)]  # left by a killed run
+    freed = 0
+    for name in names:
+        path = os.path.join(out, name)
+        if not os.path.exists(path):
+            continue
+        freed += _bytes(path)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        print(f"removed {path}")
+    kept = "frames/, video.mp4, config.json and manifest.json" if args.keep_final else "config.json"
+    print(f"freed {_human(freed)}; kept {kept}")
+    return 0
+
+
+def _demo_project(folder: str, args: argparse.Namespace) -> dict:
+    """The demo's tiny project, written once and reused, so that a rerun resumes instead of starting over
+
+    (new model files would be new inputs: their cache keys, which include file times, would change)."""
+    import json
+
+    from .testing.runner_files import write_tiny_project
+    from .utils.atomic import atomic_write_text
+
+    path = os.path.join(folder, "demo_project.json")
+    shape = {"frames": args.frames, "size": args.size}
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+        if saved.get("shape") == shape and all(os.path.exists(p) for p in saved["config"]["models"]["model_list"]):
+            config = saved["config"]
+        else:
+            saved = None
+    else:
+        saved = None
+    if saved is None:
+        config = write_tiny_project(folder, frames=args.frames, size=args.size, smoother=True, steps=args.steps)
+        os.makedirs(folder, exist_ok=True)
+        atomic_write_text(path, json.dumps({"shape": shape, "config": config}, indent=2))
+    config["models"]["device"] = args.device
+    config["pipeline"]["seed"] = args.seed
+    config["pipeline"]["pipeline_inputs"]["num_inference_steps"] = args.steps
+    return config
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Self-check of the install: a tiny seeded random-weight model, written in a real format, loaded and rendered."""
-    from .models.model_manager import ModelManager
-    from .pipelines.sd_image import SDImagePipeline
-    from .testing.factory import write_sd_checkpoint
+    """Self-check of the install: the full 10-stage video runner on tiny seeded random-weight models and a generated clip."""
+    from PIL import Image
+
     from .utils.atomic import atomic_save_image
 
+    folder = args.folder or os.path.dirname(os.path.abspath(args.out))
     print("diffsynth demo: SELF-CHECK OF THE INSTALL, NOT ART.")
-    print("It builds a tiny random-weight Stable Diffusion model (no download), saves it as a real")
-    print(".safetensors checkpoint, loads it back and renders. Expect coloured noise.")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = write_sd_checkpoint(os.path.join(tmp, "tiny_sd15.safetensors"), seed=args.seed)
-        mm = ModelManager(torch_dtype=torch.float32, device=args.device)
-        mm.load_models([path])
-        pipe = SDImagePipeline.from_model_manager(mm)
-        torch.manual_seed(args.seed)
-        image = pipe("a photo of a cat", negative_prompt="blurry", height=args.size, width=args.size, num_inference_steps=args.steps)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    atomic_save_image(image, args.out)
-    print(f"wrote {args.out} ({image.size[0]}x{image.size[1]}). The install works.")
+    print("It writes tiny random-weight models in real formats (SD checkpoint, AnimateDiff motion module,")
+    print("2 ControlNets, a textual inversion; no download) and a short generated clip, then renders the")
+    print("clip through all 10 stages of the Diffutoon runner, FastBlend smoother included. Expect coloured noise.")
+    config = _demo_project(folder, args)
+    out = config["data"]["output_folder"]
+    print(f"Output: {out}. Press Ctrl-C at any time and run `diffsynth demo` again: it continues where it stopped.")
+    code = _render(config, "run `diffsynth demo` again")
+    print()
+    print(format_stage_table(stage_table(out)))
+    if code:
+        return code
+    first = sorted(n for n in os.listdir(os.path.join(out, "frames")) if n.endswith(".png"))[0]
+    with Image.open(os.path.join(out, "frames", first)) as image:
+        image.load()
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        atomic_save_image(image, args.out)
+    print(f"\nwrote {args.out} (the first frame, {image.size[0]}x{image.size[1]}) and {os.path.join(out, 'video.mp4')}. The install works.")
+    print(f"Run `diffsynth demo` again: nothing is recomputed. `diffsynth status {out}` shows the stages; "
+          f"`diffsynth clean {out}` removes the render.")
     return 0
 
 
@@ -121,10 +362,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, help="fp16, bf16 or fp32 (default: fp16 on CUDA, fp32 otherwise)")
     p.set_defaults(func=cmd_txt2img)
 
-    p = sub.add_parser("demo", help="self-check: render with a tiny random model (no downloads)")
-    p.add_argument("--out", default="demo_output/demo.png")
+    p = sub.add_parser("run", help="render a video from a runner config (.json or .yaml); rerun the same command to resume")
+    p.add_argument("config", help="DiffSynth-Studio runner config: models, data, pipeline, smoother_configs")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("status", help="stage table of a runner output folder: done/partial/pending, frames, disk, cache keys")
+    p.add_argument("output_dir")
+    p.add_argument("--config", default=None, help="check the cache keys against this config instead of OUTPUT_DIR/config.json")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("clean", help="delete a runner output folder's generated files (all but config.json)")
+    p.add_argument("output_dir")
+    p.add_argument("--keep-final", action="store_true", help="delete only the intermediates; keep frames/, video.mp4, config.json and manifest.json")
+    p.set_defaults(func=cmd_clean)
+
+    p = sub.add_parser("demo", help="self-check: the full video runner on tiny random models and a generated clip (no downloads)")
+    p.add_argument("--out", default="demo_output/demo.png", help="where to save the first output frame (PNG)")
+    p.add_argument("--folder", default=None, help="project folder: models, input clip, output/ (default: the folder of --out)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=64)
+    p.add_argument("--frames", type=int, default=12)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_demo)

@@ -32,13 +32,24 @@ from ..controlnets import ControlNetConfigUnit
 from ..data import VideoData, save_video
 from ..models.model_manager import ModelManager
 from ..progress import ProgressCallback, ProgressEvent
-from ..utils.atomic import atomic_save_safetensors, atomic_write_text
+from ..utils.atomic import atomic_save_safetensors, atomic_write_text, is_temp_name
 from .sd_video import SDVideoPipeline, VideoFrames, WindowJournal, _remove_store
 
 logger = logging.getLogger("diffsynth")
 
 # Parameters of pipeline_inputs that change results (batch sizes and vram options do not).
 _DENOISE_PARAMS = ("cfg_scale", "denoising_strength", "num_inference_steps", "animatediff_batch_size", "animatediff_stride", "cross_frame_attention", "smoother_progress_ids")
+
+
+def _remove_temp_files(folder: str, name: str) -> None:
+    """Remove the temporary files of ``name`` that a killed run left in ``folder``.
+
+    A killed video encode leaves the most: its ffmpeg keeps running until its input
+    pipe closes and completes a partial video under the temporary name.
+    """
+    for entry in os.listdir(folder):
+        if is_temp_name(entry) and entry.startswith(f".{name}."):
+            os.remove(os.path.join(folder, entry))
 
 
 class RunError(RuntimeError):
@@ -70,6 +81,12 @@ class _Progress:
     def advance(self, n: int) -> None:
         self(self.stage, n, None)
 
+    def each(self, items, total=None, desc=None):
+        """A ``progress_bar_cmd`` for ``save_video``: one unit per frame as it is consumed."""
+        for item in items:
+            yield item
+            self.advance(1)
+
     def _emit(self) -> None:
         if self.callback is not None:
             self.callback(ProgressEvent(self.stage, min(self.done, self.total), self.total))
@@ -77,6 +94,30 @@ class _Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def _load_embeddings(path: str) -> dict | None:
+    """The cached prompt embeddings, or None (with a warning, the file deleted) when unusable."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        embs = load_file(path)
+        reason = None if {"posi", "nega"} <= set(embs) else f"it holds {sorted(embs)}, not posi and nega"
+    except (SafetensorError, OSError) as exc:
+        reason = str(exc)
+    if reason is None:
+        return embs
+    logger.warning("cache file %s is unusable (%s); deleted, so the prompt embeddings will be recomputed", path, reason)
+    os.remove(path)
+    return None
+
+
+def _io_error(where: str, out: str, exc: OSError) -> RunError:
+    return RunError(
+        f"{where} stopped on an I/O error while writing into {out}: {exc}. "
+        "Free disk space (or fix the folder) and run the same config again: finished work is kept and the run continues."
+    )
 
 
 class SDVideoPipelineRunner:
@@ -169,13 +210,16 @@ class SDVideoPipelineRunner:
         config = plan["config"]
         data = config["data"]
         out = data["output_folder"]
-        if data.get("clear_output_folder", False) and os.path.isdir(out):
-            shutil.rmtree(out)
-        os.makedirs(out, exist_ok=True)
-        self._save_config(config, out)
-        manifest = Manifest(out)
         keys = self.stage_keys(plan)
-        self._invalidate_changed(manifest, keys, out)
+        try:  # these write too: a full disk here is reported like one inside a stage
+            if data.get("clear_output_folder", False) and os.path.isdir(out):
+                shutil.rmtree(out)
+            os.makedirs(out, exist_ok=True)
+            self._save_config(config, out)
+            manifest = Manifest(out)
+            self._invalidate_changed(manifest, keys, out)
+        except OSError as exc:
+            raise _io_error("setup", out, exc) from exc
         frames = image_store(os.path.join(out, "frames"), plan["num_frames"], size=(plan["width"], plan["height"]))
         if manifest.is_done(9, keys[9]) and os.path.isfile(os.path.join(out, "video.mp4")) and frames.complete():
             logger.info("%s is complete and up to date; nothing to do", out)
@@ -188,13 +232,14 @@ class SDVideoPipelineRunner:
         try:
             return self._run_stages(plan, manifest, keys, progress)
         except OSError as exc:
-            raise RunError(
-                f"stage {progress.stage} stopped on an I/O error while writing into {out}: {exc}. "
-                "Free disk space (or fix the folder) and run the same config again: finished work is kept and the run continues."
-            ) from exc
+            raise _io_error(f"stage {progress.stage}", out, exc) from exc
         finally:
             progress.close()
 
+    # Inference only. The stages call the pipeline's methods, not its no_grad __call__, and a textual
+    # inversion leaves the token embedding requiring grad: without this, every UNet call would keep
+    # its activations alive in an autograd graph for as long as a window's noise is held (GiBs at 1280x768).
+    @torch.no_grad()
     def _run_stages(self, plan: dict, manifest: Manifest, keys: dict[int, str], progress: _Progress) -> VideoFrames:
         config = plan["config"]
         data, inputs = config["data"], config["pipeline"]["pipeline_inputs"]
@@ -232,23 +277,20 @@ class SDVideoPipelineRunner:
         # stage 2: prompt embeddings
         progress.set_stage(2, "prompt embeddings")
         emb_path = os.path.join(out, "prompt", "embeddings.safetensors")
-        if manifest.is_done(2, keys[2]) and os.path.isfile(emb_path):
-            from safetensors.torch import load_file
-
-            embs = load_file(emb_path)
-        else:
+        embs = _load_embeddings(emb_path) if manifest.is_done(2, keys[2]) and os.path.isfile(emb_path) else None
+        if embs is None:
             manifest.begin(2, keys[2])
-            embs = {"posi": pipe.prompter.encode_prompt(pipe.text_encoder, inputs["prompt"], clip_skip=inputs.get("clip_skip", 1), device=pipe.device).cpu().contiguous()}
-            if inputs.get("cfg_scale", 7.5) != 1.0:
-                embs["nega"] = pipe.prompter.encode_prompt(
-                    pipe.text_encoder, inputs.get("negative_prompt", ""), clip_skip=inputs.get("clip_skip", 1), device=pipe.device, positive=False
-                ).cpu().contiguous()
+            # Both, always: whether denoising uses the negative one depends on cfg_scale, which is not in this stage's key.
+            embs = {"posi": pipe.prompter.encode_prompt(pipe.text_encoder, inputs["prompt"], clip_skip=inputs.get("clip_skip", 1), device=pipe.device).cpu().contiguous(),
+                    "nega": pipe.prompter.encode_prompt(
+                        pipe.text_encoder, inputs.get("negative_prompt", ""), clip_skip=inputs.get("clip_skip", 1), device=pipe.device, positive=False
+                    ).cpu().contiguous()}
             os.makedirs(os.path.dirname(emb_path), exist_ok=True)
             atomic_save_safetensors(embs, emb_path)
             manifest.finish(2, keys[2])
         progress.advance(n)
         emb_posi = embs["posi"].to(pipe.device, pipe.torch_dtype)
-        emb_nega = embs["nega"].to(pipe.device, pipe.torch_dtype) if "nega" in embs else None
+        emb_nega = embs["nega"].to(pipe.device, pipe.torch_dtype) if inputs.get("cfg_scale", 7.5) != 1.0 else None
 
         # stage 3 + 4: initial latents, denoising
         strength = inputs.get("denoising_strength", 1.0)
@@ -277,14 +319,18 @@ class SDVideoPipelineRunner:
                            vram_limit_level=inputs.get("vram_limit_level", 0))
             smoother_ids = set(inputs.get("smoother_progress_ids", []))
             shape = latents[0].shape
+            for g in range(current):  # what a kill between two steps left: older generations, journals of finished steps
+                _remove_store(tensor_store(os.path.join(out, "latents", f"step_{g:03d}"), n))
+                WindowJournal(os.path.join(out, "latents", f"step_{g + 1:03d}_journal")).remove()
             for step in range(current, num_steps):
                 nxt = tensor_store(os.path.join(out, "latents", f"step_{step + 1:03d}"), n, shape=shape, dtype=torch.float32)
+                journal = WindowJournal(os.path.join(out, "latents", f"step_{step + 1:03d}_journal"))
                 if not nxt.complete():
                     if smoother is not None and step in smoother_ids:
                         pipe._smoothed_step(step, latents, nxt, cond_stores, emb_posi, emb_nega, options, progress, smoother, source, root, shape)
                     else:
-                        journal = WindowJournal(os.path.join(out, "latents", f"step_{step + 1:03d}_journal"))
                         pipe.denoise_step(step, latents, nxt, cond_stores, emb_posi, emb_nega, options, progress, journal=journal)
+                journal.remove()  # denoise_step removes it too, unless a kill came between the step's last commit and that
                 _remove_store(latents)
                 latents = nxt
                 manifest.update(4, steps_done=step + 1, steps=num_steps)
@@ -328,9 +374,11 @@ class SDVideoPipelineRunner:
         video_path = os.path.join(out, "video.mp4")
         if not (manifest.is_done(9, keys[9]) and os.path.isfile(video_path)):
             manifest.begin(9, keys[9])
-            save_video(VideoFrames(frames), video_path, fps=data.get("fps", 30))
+            _remove_temp_files(out, "video.mp4")
+            save_video(VideoFrames(frames), video_path, fps=data.get("fps", 30), progress_bar_cmd=progress.each)
             manifest.finish(9, keys[9], bytes=os.path.getsize(video_path))
-        progress.advance(n)
+        else:
+            progress.advance(n)
         model_manager.to("cpu")
         return VideoFrames(frames)
 

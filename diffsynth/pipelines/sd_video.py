@@ -455,12 +455,14 @@ class SDVideoPipeline:
         for step in range(len(self.scheduler.timesteps)):
             progress.begin_step(step)
             nxt = tensor_store(self._stores(root, os.path.join("latents", f"step_{step + 1:03d}")), num_frames, shape=shape, dtype=torch.float32)
+            journal = None if root is None else WindowJournal(os.path.join(root, "latents", f"step_{step + 1:03d}_journal"))
             if not nxt.complete():
                 if smoother is not None and step in smoother_ids:
                     self._smoothed_step(step, latents, nxt, cond_stores, emb_posi, emb_nega, options, progress, smoother, guide, root, shape)
                 else:
-                    journal = None if root is None else WindowJournal(os.path.join(root, "latents", f"step_{step + 1:03d}_journal"))
                     self.denoise_step(step, latents, nxt, cond_stores, emb_posi, emb_nega, options, progress, journal=journal)
+            if journal is not None:
+                journal.remove()  # left behind when a kill came between the step's last commit and denoise_step's removal
             _remove_store(latents)
             latents = nxt
 
@@ -515,7 +517,8 @@ class SDVideoPipeline:
         n = len(latents)
         prefix = os.path.join("smoothed", f"step_{step:03d}")
         x0 = tensor_store(self._stores(root, os.path.join(prefix, "x0")), n, shape=shape, dtype=torch.float32)
-        self.denoise_step(step, latents, None, cond_stores, emb_posi, emb_nega, options, progress, x0_store=x0)
+        journal = None if root is None else WindowJournal(os.path.join(root, prefix, "x0_journal"))  # a kill loses at most one window here too
+        self.denoise_step(step, latents, None, cond_stores, emb_posi, emb_nega, options, progress, x0_store=x0, journal=journal)
         decoded = image_store(self._stores(root, os.path.join(prefix, "decoded")), n)
         self.decode(x0, decoded, progress)
         smoothed = image_store(self._stores(root, os.path.join(prefix, "frames")), n)
@@ -530,6 +533,8 @@ class SDVideoPipeline:
                 writer.put(i, self.scheduler.step(eps, t, latents[i]))
         for store in (x0, decoded, smoothed, target):
             _remove_store(store)
+        if journal is not None:
+            journal.remove()
 
 
 class _Progress:
