@@ -376,6 +376,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-final", action="store_true", help="delete only the intermediates; keep frames/, video.mp4, config.json and manifest.json")
     p.set_defaults(func=cmd_clean)
 
+    from .extensions.FastBlend.cli import add_fastblend_arguments
+
+    add_fastblend_arguments(sub.add_parser("fastblend", help="deflicker a folder of stylized frames against the guide video (FastBlend)"))
+
     p = sub.add_parser("demo", help="self-check: the full video runner on tiny random models and a generated clip (no downloads)")
     p.add_argument("--out", default="demo_output/demo.png", help="where to save the first output frame (PNG)")
     p.add_argument("--folder", default=None, help="project folder: models, input clip, output/ (default: the folder of --out)")
