@@ -8,8 +8,8 @@ a random brightness gain and colour shift per frame (the flicker FastBlend remov
    settings (minimum_patch_size 5, num_iter 5, guide_weight 10, batch_size 8, identity init),
    in-memory stores, all modes in one fresh subprocess after a small warm-up call. The clip is
    short and the window small so that every mode does little work (default 2 frames, window 1:
-   accurate mode re-evaluates the whole image per candidate and costs minutes per frame at 512x512
-   on a few cores). Prints frames/s, engine calls, remaps and seconds per remap of each mode; the
+   accurate mode re-evaluates the whole image per candidate: about a minute per frame at 512x512
+   on 2 cores). Prints frames/s, engine calls, remaps and seconds per remap of each mode; the
    work per frame grows with the window (fast ~log w, balanced 2w, accurate 2w+1 remaps per frame),
    so figures for other windows follow from s/remap.
 2. Peak RSS (VmHWM from /proc/self/status, each N in a fresh subprocess; ru_maxrss would carry
@@ -25,7 +25,8 @@ Usage: python bench/fastblend.py [--quick] [--size 512] [--frames 2] [--window 1
                                  [--rss-sizes 50,500] [--rss-size 32] [--rss-window 4] [--gpu-size 512] [--gpu-frames 6]
                                  [--gpu-window 2] [--gpu-rounds 1] [--cache-dir DIR] [--skip-speed] [--skip-rss] [--skip-gpu]
 ``--quick`` shrinks everything (128x128 speed clip, N = 20 and 200, 256x256 on the GPU) for a smoke run.
-Default run: about 10 minutes on 2 busy CPU cores, most of it accurate mode.
+Default run: about 3 minutes on 2 idle CPU cores (most of it accurate mode), several times that when they are shared.
+``--rss-size 64`` makes part 2 more sensitive to a per-frame leak (a frame weighs 4x more) at ~5x its time.
 """
 from __future__ import annotations
 
@@ -194,15 +195,17 @@ def bench_rss(args, tmp: str) -> None:
     sizes = args.rss_sizes
     print(f"2. Peak RSS of fast mode with a disk cache folder, {args.rss_size}x{args.rss_size}, window_size {args.rss_window}, "
           f"batch_size 8, minimum_patch_size 3, num_iter 2, CPU, results read back, each N in a fresh subprocess:", flush=True)
-    rss = {}
+    rss, growth = {}, {}
     for n in sizes:
         job = dict(frames=n, size=args.rss_size, window=args.rss_window, batch_size=8, patch=3, iters=2, device="cpu",
                    cache=os.path.join(tmp, f"rss_{n}"))
         r = run_child("rss", job)
         rss[n] = r["peak_rss_kb"]
+        growth[n] = r["peak_rss_kb"] - r["base_rss_kb"]
         print(f"   N={n:5d}: peak RSS {r['peak_rss_kb'] / 1024:7.1f} MiB (before the run {r['base_rss_kb'] / 1024:6.1f} MiB), "
               f"{r['seconds']:6.1f} s, {r['remaps']} remaps, at most {r['peak_float_frames']} float frames held", flush=True)
-    print(f"   RSS({sizes[-1]})/RSS({sizes[0]}) = {rss[sizes[-1]] / rss[sizes[0]]:.3f}  (target <= 1.05)")
+    print(f"   RSS({sizes[-1]})/RSS({sizes[0]}) = {rss[sizes[-1]] / rss[sizes[0]]:.3f}  (target <= 1.05); growth over the "
+          f"pre-run RSS {growth[sizes[0]] / 1024:.1f} MiB vs {growth[sizes[-1]] / 1024:.1f} MiB")
 
 
 def bench_gpu(args, tmp: str) -> None:
