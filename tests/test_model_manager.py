@@ -212,3 +212,12 @@ def test_loading_makes_no_needless_copies(tmp_path, tiny_sd_file):
     sd = {k.removeprefix("model.diffusion_model."): v for k, v in load_state_dict(tiny_sd_file).items() if k.startswith("model.diffusion_model.")}
     unet = instantiate(lambda: SDUNet(infer_unet_config(sd)), sd, source="x", what="UNet", device="cpu", dtype=torch.float32)
     assert unet.out[2].weight.data_ptr() == sd["out.2.weight"].data_ptr()
+
+
+def test_textual_inversion_keeps_the_text_encoder_frozen(tmp_path, tiny_sd_file):
+    """A trainable embedding row would make every UNet call keep an autograd graph (RAM grew to GBs)."""
+    factory.write_textual_inversion(str(tmp_path / "ti" / "kw.pt"))
+    mm = ModelManager(torch_dtype=torch.float32, device="cpu")
+    mm.load_models([tiny_sd_file])
+    mm.load_textual_inversions(str(tmp_path / "ti"))
+    assert not any(p.requires_grad for p in mm.text_encoder.parameters())

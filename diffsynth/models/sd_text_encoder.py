@@ -161,6 +161,7 @@ class SDTextEncoder(nn.Module):
         with torch.no_grad():
             new.weight[:first] = old
             new.weight[first:] = vectors.to(old.device, old.dtype)
+        new.requires_grad_(emb.weight.requires_grad)  # loaded models are frozen; a fresh Embedding would track grads
         self.text_model.embeddings.token_embedding = new
         return list(range(first, first + vectors.shape[0]))
 
