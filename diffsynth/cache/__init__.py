@@ -4,6 +4,7 @@ and background prefetch / write-behind.
 Only the standard library, numpy, torch and PIL are imported here (DESIGN §2).
 """
 
+from .frames import StoreFrames
 from .codecs import Codec, ImageCodec, InvalidFile, TensorCodec
 from .io import Prefetcher, WriteBehind
 from .stores import (
@@ -19,6 +20,7 @@ from .stores import (
 )
 
 __all__ = [
+    "StoreFrames",
     "Codec",
     "ImageCodec",
     "TensorCodec",

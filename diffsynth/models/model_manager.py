@@ -29,6 +29,7 @@ from .sd_motion import build_motion_model
 from .sd_text_encoder import SDTextEncoder, infer_clip_text_config
 from .sd_unet import SDUNet, infer_unet_config
 from .sd_vae import SDVAEDecoder, SDVAEEncoder, infer_vae_config
+from ..utils.device import default_device
 from .state_dict import load_state_dict, read_header
 from .textual_inversion import load_textual_inversions
 
@@ -46,10 +47,6 @@ _DIFFUSERS_WEIGHT_NAMES = (
     "pytorch_model.bin",
     "pytorch_model.fp16.bin",
 )
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def default_dtype(device: str | torch.device) -> torch.dtype:

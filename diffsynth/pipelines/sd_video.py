@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from ..cache import MissingItem, Prefetcher, WriteBehind, as_store, image_store, tensor_store
+from ..cache import MissingItem, Prefetcher, StoreFrames, WriteBehind, as_store, image_store, tensor_store
 from ..controlnets import ControlNetConfigUnit, MultiControlNetManager
 from ..models.model_manager import ModelManager
 from ..progress import ProgressCallback, ProgressEvent
@@ -153,28 +153,7 @@ class WindowJournal:
             shutil.rmtree(self.folder)
 
 
-class VideoFrames(Sequence):
-    """The result of a video pipeline: a lazy, read-only sequence of PIL frames backed by a store."""
-
-    def __init__(self, store, keepalive=None):
-        self._store = store
-        self._keepalive = keepalive  # a TemporaryDirectory to remove when the result is dropped
-
-    def __len__(self) -> int:
-        return len(self._store)
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self._store[j] for j in range(*i.indices(len(self)))]
-        return self._store[i]
-
-    def __iter__(self) -> Iterator[Image.Image]:
-        for _, frame in Prefetcher(self._store, range(len(self))):
-            yield frame
-
-    @property
-    def folder(self) -> str | None:
-        return getattr(self._store, "folder", None)
+VideoFrames = StoreFrames  # the video pipeline's result: a lazy frame sequence backed by output_folder/frames
 
 
 class SDVideoPipeline:

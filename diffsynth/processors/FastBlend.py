@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from ..cache import Prefetcher, Store, as_store, image_store, tensor_store
+from ..utils.device import default_device
 from ..extensions.FastBlend.runners import (EngineSettings, StoreFrames, accurate_blend, balanced_blend, fast_blend,
                                             interpolate_keyframes)
 from ..extensions.FastBlend.runners.common import RunStats, frame_size, open_inputs, to_uint8_frame
@@ -94,7 +95,7 @@ class FastBlendSmoother(VideoProcessor):
         self.inference_mode = inference_mode
         self.batch_size = batch_size
         self.window_size = window_size
-        self.device = str(device) if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = str(device) if device is not None else default_device()
         self.engine = EngineSettings(minimum_patch_size=minimum_patch_size, threads_per_block=threads_per_block,
                                      num_iter=num_iter, gpu_id=gpu_id, guide_weight=guide_weight, initialize=initialize,
                                      tracking_window_size=tracking_window_size, device=self.device, backend=backend)

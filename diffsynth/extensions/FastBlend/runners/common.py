@@ -23,9 +23,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ....cache import Prefetcher, Store, as_store
+from ....cache import Prefetcher, Store, StoreFrames, as_store  # StoreFrames: re-exported, the smoother's result type
 from ....progress import ProgressCallback, ProgressEvent
 from ....utils.atomic import atomic_save_image
+from ....utils.device import default_device
 
 __all__ = [
     "EngineSettings",
@@ -94,7 +95,7 @@ class EngineSettings:
     def resolved_device(self) -> str:
         if self.device is not None:
             return str(self.device)
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return default_device()
 
     def as_dict(self) -> dict[str, Any]:
         """The settings that change results (for cache keys); the device and backend do not belong here."""
@@ -322,39 +323,6 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-
-
-class StoreFrames(Sequence):
-    """A lazy, read-only sequence of PIL frames backed by a store (the smoother's result).
-
-    ``keepalive`` is an object to keep alive as long as the frames are (a temporary folder).
-    Same contract as ``pipelines.sd_video.VideoFrames``, which the extensions may not import
-    (DESIGN §2: pipelines depend on extensions, not the reverse).
-    """
-
-    def __init__(self, store: Store, keepalive: Any = None):
-        self._store = store
-        self._keepalive = keepalive
-
-    def __len__(self) -> int:
-        return len(self._store)
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self._store[j] for j in range(*i.indices(len(self)))]
-        return self._store[i]
-
-    def __iter__(self) -> Iterator[Image.Image]:
-        for _, frame in Prefetcher(self._store, range(len(self))):
-            yield frame
-
-    @property
-    def store(self) -> Store:
-        return self._store
-
-    @property
-    def folder(self) -> str | None:
-        return getattr(self._store, "folder", None)
 
 
 def save_original_style(out: Store, save_path: str | os.PathLike | None) -> None:
