@@ -1,5 +1,6 @@
 """The three dependency lists agree, the models/ notes exist, and the CI script parses."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -82,3 +83,58 @@ def test_ci_script_is_valid_bash_and_installs_cpu_torch_first():
     assert "set -euo pipefail" in text
     torch_at = text.index("pip install torch==2.13.0")
     assert torch_at < text.index("pip install -e .")
+
+
+# Import name -> distribution name, where they differ.
+DISTRIBUTION_OF = {
+    "cv2": "opencv-python-headless",
+    "PIL": "pillow",
+    "yaml": "pyyaml",
+    "skimage": "scikit-image",
+    "ldm": "stable-diffusion-sdkit",
+    "imageio_ffmpeg": "imageio-ffmpeg",
+}
+# Imported only inside a function that explains how to install it when it is missing.
+OPTIONAL_AT_RUNTIME = {"cupy", "yaml"}
+
+
+def _third_party_imports(folder):
+    import ast
+
+    names = set()
+    for path in (ROOT / folder).rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                names.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.add(node.module.split(".")[0])
+    local = {"diffsynth", "tests", "bench", "examples"}
+    return {n for n in names if n not in sys.stdlib_module_names and n not in local}
+
+
+def _distributions(requirements):
+    return {re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0].strip().lower() for r in requirements}
+
+
+def test_every_package_import_is_a_declared_dependency():
+    # CI installs from these lists on a fresh machine: an undeclared import breaks `diffsynth demo` there
+    # even though it works on a developer's machine that happens to have the package.
+    declared = _distributions(_pyproject()["project"]["dependencies"])
+    missing = {
+        name
+        for name in _third_party_imports("diffsynth") - OPTIONAL_AT_RUNTIME
+        if DISTRIBUTION_OF.get(name, name).lower() not in declared
+    }
+    assert not missing, f"imported by diffsynth/ but not in pyproject dependencies: {sorted(missing)}"
+
+
+def test_every_test_import_is_installed_by_ci():
+    project = _pyproject()["project"]
+    declared = _distributions(project["dependencies"] + project["optional-dependencies"]["test"])
+    declared |= _distributions(_requirement_lines((ROOT / "requirements-test-nodeps.txt").read_text()))
+    missing = {
+        name
+        for name in _third_party_imports("tests") - {"cupy"}
+        if DISTRIBUTION_OF.get(name, name).lower() not in declared
+    }
+    assert not missing, f"imported by tests/ but installed by no CI step: {sorted(missing)}"
