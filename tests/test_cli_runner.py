@@ -125,7 +125,10 @@ def test_ctrl_c_stops_cleanly_and_status_shows_where_the_rerun_continues(project
     out = str(tmp_path / "out")
     path = _write_config(project, tmp_path / "config.json", out)
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-c", "import sys, torch; torch.set_num_threads(1); from diffsynth.cli import main; sys.exit(main())", "run", path],
+    # A shell that starts a job with `&` (as CI may) makes it ignore SIGINT, and Python keeps an ignored SIGINT
+    # ignored; the child restores Ctrl-C's usual meaning so this test does not depend on how it was started.
+    child = "import signal, sys, torch; signal.signal(signal.SIGINT, signal.default_int_handler); torch.set_num_threads(1); from diffsynth.cli import main; sys.exit(main())"
+    proc = subprocess.Popen([sys.executable, "-c", child, "run", path],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
     manifest = os.path.join(out, "manifest.json")
     deadline = time.monotonic() + 120
