@@ -65,7 +65,9 @@ def resume_cost(frames: int) -> None:
         ("4 between steps", ("--kill-at-event", f"4:{windows + 1}")),
         ("4 step 2, mid-window", ("--kill-after-unet", str(per_step + 3))),
         ("5 VAE decode, mid", ("--kill-at-event", "5:5")),
-        ("8 smoother, 0.2 s in", ("--kill-in-stage", "8:0.2")),
+        ("6 smoother left pass, mid", ("--kill-at-event", "6:5")),
+        ("7 smoother right pass, mid", ("--kill-at-event", "7:5")),
+        ("8 smoother merge, mid", ("--kill-at-event", "8:5")),
         ("9 video encode, mid", ("--kill-at-event", "9:5")),
     ]
 

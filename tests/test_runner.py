@@ -118,3 +118,157 @@ def test_inputs_are_validated_before_models_load(project, tmp_path, monkeypatch)
     with pytest.raises(OSError, match="broken.mp4"):
         _run(bad)
     assert calls == []
+
+
+# ---------------------------------------------------------------------- the smoother's stages, keys and progress
+
+
+@pytest.fixture(scope="module")
+def smooth_project(tmp_path_factory):
+    config = write_tiny_project(str(tmp_path_factory.mktemp("smooth_project")), frames=8, smoother=True, steps=2)
+    config["pipeline"]["pipeline_inputs"].update(animatediff_batch_size=4, animatediff_stride=2, unet_batch_size=4, controlnet_batch_size=4)
+    return config
+
+
+class _CountingRunner(SDVideoPipelineRunner):
+    """Counts UNet forward calls (a forward hook; no module is patched)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(progress_bar_cmd=kwargs.pop("progress_bar_cmd", None), **kwargs)
+        self.unet_calls = 0
+
+    def _load_pipeline(self, config):
+        pipe, model_manager = super()._load_pipeline(config)
+        pipe.unet.register_forward_hook(lambda *args: setattr(self, "unet_calls", self.unet_calls + 1))
+        return pipe, model_manager
+
+
+def _with_out(config, out):
+    config = copy.deepcopy(config)
+    config["data"]["output_folder"] = str(out)
+    return config
+
+
+def _keys(config):
+    return SDVideoPipelineRunner.stage_keys(SDVideoPipelineRunner(progress_bar_cmd=None).prepare(config))
+
+
+def test_only_an_in_loop_smoother_is_part_of_the_denoising_key(smooth_project, tmp_path):
+    config = _with_out(smooth_project, tmp_path / "out")
+    changed = copy.deepcopy(config)
+    changed["smoother_configs"][0]["config"]["window_size"] = 2
+    assert _keys(config)[4] == _keys(changed)[4]  # final-only smoothing: denoising is unaffected
+    assert _keys(config)[6] != _keys(changed)[6]
+    for c in (config, changed):
+        c["pipeline"]["pipeline_inputs"]["smoother_progress_ids"] = [0, -1]
+    assert _keys(config)[4] != _keys(changed)[4]  # smoothed inside the loop at step 0: it is
+
+
+def test_changing_a_final_smoother_parameter_reuses_the_denoising(smooth_project, tmp_path):
+    out = tmp_path / "out"
+    first_runner = _CountingRunner()
+    first_runner.run(_with_out(smooth_project, out))
+    assert first_runner.unet_calls == 12  # 2 steps x 3 windows x (positive, negative)
+    first = _frames(str(out))
+    denoised = json.load(open(out / "manifest.json"))["stages"]["4"]
+    changed = copy.deepcopy(smooth_project)
+    changed["smoother_configs"][0]["config"]["window_size"] = 1
+    rerun = _CountingRunner()
+    rerun.run(_with_out(changed, out))
+    assert rerun.unet_calls == 0, "the denoised latents were recomputed"
+    assert json.load(open(out / "manifest.json"))["stages"]["4"] == denoised
+    fresh = tmp_path / "fresh"
+    SDVideoPipelineRunner(progress_bar_cmd=None).run(_with_out(changed, fresh))
+    assert np.array_equal(_frames(str(out)), _frames(str(fresh)))  # smoothing was redone with the new parameter
+    assert not np.array_equal(first, _frames(str(out)))
+
+
+def test_fastblend_works_in_the_output_folder_and_drives_stages_6_to_8(smooth_project, tmp_path):
+    from diffsynth.cli import stage_table
+
+    out = tmp_path / "out"
+    config = _with_out(smooth_project, out)
+    config["data"]["keep_intermediates"] = True
+    events = []
+    SDVideoPipelineRunner(progress_bar_cmd=None, progress_callback=events.append).run(config)
+    for sub in ("left", "right", "blended"):  # smoother/ of the run, not a temporary folder
+        assert len([f for f in os.listdir(out / "smoother" / sub) if f[0].isdigit()]) == 8, sub
+    stages = json.load(open(out / "manifest.json"))["stages"]
+    assert stages["6"]["bytes"] > 0 and stages["7"]["bytes"] > 0 and "note" not in stages["6"]
+    # each smoother stage reported its frames one by one, in order 6, 7, 8
+    per_stage = [int(e.stage.split()[0]) for e in events if e.stage.split()[0] in ("6", "7", "8")]
+    assert per_stage == sorted(per_stage) and all(per_stage.count(s) >= 8 for s in (6, 7, 8)), per_stage
+    rows = {r["id"]: r for r in stage_table(str(out))["rows"]}
+    assert [rows[s]["status"] for s in (6, 7, 8)] == ["done"] * 3
+    assert rows[6]["frames"] == rows[7]["frames"] == "8/8" and rows[6]["bytes"] > 0
+
+    plain = tmp_path / "plain"  # without keep_intermediates the smoother's files go once frames/ is written
+    SDVideoPipelineRunner(progress_bar_cmd=None).run(_with_out(smooth_project, plain))
+    assert not os.path.exists(plain / "smoother") and not os.path.exists(plain / "latents" / "decoded")
+    assert np.array_equal(_frames(str(plain)), _frames(str(out)))
+
+
+class _Stop(Exception):
+    pass
+
+
+class _Bar:
+    """A tqdm stand-in recording the bar's position."""
+
+    def __init__(self, total, initial=0, **kwargs):
+        self.total, self.n = total, initial
+
+    def update(self, n):
+        self.n += n
+
+    def set_description(self, text):
+        pass
+
+    def close(self):
+        pass
+
+
+def test_the_overall_progress_ends_at_its_total_fresh_and_after_a_resume(smooth_project, tmp_path):
+    bars = []
+
+    def bar(**kwargs):
+        bars.append(_Bar(**kwargs))
+        return bars[-1]
+
+    fresh = []
+    SDVideoPipelineRunner(progress_bar_cmd=bar, progress_callback=fresh.append).run(_with_out(smooth_project, tmp_path / "fresh"))
+    total = fresh[-1].total
+    assert (fresh[-1].done, bars[-1].n, bars[-1].total) == (total, total, total)
+    assert [e.done for e in fresh] == sorted(e.done for e in fresh)  # never goes back
+
+    out = tmp_path / "out"
+
+    def stop_in_the_right_pass(event):
+        if event.stage.startswith("7 ") and event.done > 0:
+            stop_in_the_right_pass.seen += 1
+            if stop_in_the_right_pass.seen == 3:
+                raise _Stop()
+
+    stop_in_the_right_pass.seen = 0
+    with pytest.raises(_Stop):
+        SDVideoPipelineRunner(progress_bar_cmd=bar, progress_callback=stop_in_the_right_pass).run(_with_out(smooth_project, out))
+    resumed = []
+    SDVideoPipelineRunner(progress_bar_cmd=bar, progress_callback=resumed.append).run(_with_out(smooth_project, out))
+    assert resumed[0].done >= total - 3 * 8  # starts at the work on disk: only stages 7-9 were left (at most 3 x 8 frames)
+    assert (resumed[-1].done, resumed[-1].total, bars[-1].n) == (total, total, total)
+    assert [e.done for e in resumed] == sorted(e.done for e in resumed)
+    assert np.array_equal(_frames(str(out)), _frames(str(tmp_path / "fresh")))
+
+
+def test_the_annotation_key_follows_weight_files_only(project, tmp_path):
+    config = copy.deepcopy(project)
+    config["models"]["controlnet_units"][1]["processor_id"] = "lineart"  # a unit that reads annotator weights
+    folder = tmp_path / "Annotators"
+    folder.mkdir()
+    config["models"]["annotator_folder"] = str(folder)
+    (folder / "sk_model.pth").write_bytes(b"weights")
+    before = _keys(config)
+    (folder / "README.md").write_text("where to download the files")
+    assert _keys(config) == before  # editing a note does not invalidate the annotations
+    (folder / "sk_model.pth").write_bytes(b"other weights")
+    assert _keys(config)[1] != before[1]

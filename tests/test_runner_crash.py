@@ -19,6 +19,7 @@ import copy
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
+from diffsynth.pipelines.runner import _human
 from diffsynth.testing.crash_child import ForkServer
 from diffsynth.testing.runner_files import write_tiny_project
 from diffsynth.utils.atomic import is_temp_name
@@ -171,11 +173,13 @@ KILL_POINTS = [
     KillPoint("4-between-steps", "4 denoising: between steps (step 1's last window committed)", _at_event(4, 4), 3, denoising=True),
     KillPoint("4-step-2-first-call", "4 denoising: first UNet call of step 2", _after_unet(CALLS_PER_STEP + 1), 3, denoising=True, slow=True),
     KillPoint("5-decode", "5 VAE decode: after 3 frames", _at_event(5, 4), 4),
-    # The runner runs all of FastBlend inside stage 8 and reports no progress while it works, so
-    # stage 8 is killed 0.15 s after it begins (it takes ~0.7 s here): an arbitrary instant. Stages
-    # 6 and 7 are announced back to back, with no work of their own: one kill covers both.
-    KillPoint("6-smoother", "6 smoother left pass: announced", _at_event(6, 1), 5),
-    KillPoint("8-smoother-blend", "8 smoother blend: 0.15 s in", ("--kill-in-stage", "8:0.15"), 7),
+    # FastBlend's fast mode is stages 6-8 (left pass, right pass, merge), each reporting per frame;
+    # its cache is the output folder's smoother/ (left, right, blended), so a kill there resumes.
+    KillPoint("6-smoother-left", "6 smoother left pass: after 3 frames", _at_event(6, 4), 5),
+    KillPoint("7-smoother-right", "7 smoother right pass: after 3 frames", _at_event(7, 4), 6),
+    KillPoint("8-smoother-merge", "8 smoother merge: after 3 frames", _at_event(8, 4), 7),
+    KillPoint("8-smoother-copy", "8 smoother: merge done, frames/ not yet written", _at_event(8, 9), 7, slow=True),
+    KillPoint("8-smoother-timed", "8 smoother: 0.05 s in (an arbitrary instant)", ("--kill-in-stage", "8:0.05"), 7, slow=True),
     KillPoint("9-video", "9 video encode: after 3 frames sent to ffmpeg", _at_event(9, 4), 8),
 ]
 
@@ -237,6 +241,15 @@ def test_a_full_disk_stops_with_a_clear_message_and_the_rerun_completes(server, 
     message = next(line for line in full.log.splitlines() if line.startswith("error:"))
     assert "No space left" in message and out in message and "run the same config again" in message, message
     assert "stage 4 denoising" in message, message
+    # which file and folder, how many bytes it was, and how much the folder still needs
+    found = re.search(r"while writing (\d{6})\.npy \((.+?) written of it when the disk filled\) into (\S+); "
+                      r"that folder still needs about (.+?) \((\d+) more frame files of ~(.+?)\)", message)
+    assert found, message
+    index, size, folder, _, left, per_file = found.groups()
+    latent_bytes = os.path.getsize(os.path.join(reference.out, "latents", "step_002", "000000.npy"))
+    assert size == per_file == _human(latent_bytes), message
+    assert os.path.dirname(folder) == os.path.join(out, "latents") and int(left) == 8 - int(index), message
+    assert "free now" in message, message
     manifest = json.load(open(os.path.join(out, "manifest.json")))
     assert manifest["stages"]["4"]["status"] == "running" and _last_done(out) == 3
     resumed = _render(server, project, out)

@@ -8,6 +8,15 @@ Accepts DiffSynth-Studio's config dict unchanged (``models``, ``data``, ``pipeli
 * ``data.keep_intermediates`` (default ``False``): keep decoded-but-unsmoothed frames
   and the smoother's partial results after the final frames are written.
 
+FastBlend entries of ``smoother_configs`` keep their cache in the output folder
+(``smoother/left``, ``smoother/right``, ``smoother/blended``) unless the entry gives a
+``cache_folder``, so a killed smoothing pass resumes. When smoothing applies to the
+final frames, FastBlend's fast mode *is* stages 6-8: its left pass is stage 6, its
+right pass stage 7, its merge (and any processors chained after it) stage 8, each
+reported frame by frame. Other smoothers (balanced/accurate modes, RIFE, PIL edits)
+have no left/right passes: stages 6 and 7 then finish at once, marked so in the
+manifest, and all the smoothing is stage 8.
+
 The run is 10 stages (DESIGN.md §3). Each has a cache key — a hash of everything its
 result depends on, not of batch sizes or the device — and is journalled in
 ``manifest.json``; ``last_process_id.txt`` holds the last finished stage. Rerunning
@@ -17,6 +26,7 @@ and everything after it. Validation of the inputs happens before any model loads
 from __future__ import annotations
 
 import copy
+import errno
 import json
 import logging
 import os
@@ -27,18 +37,44 @@ import torch
 from tqdm import tqdm
 
 from ..cache import image_store, tensor_store
-from ..cache.manifest import STAGES, Manifest, file_identity, stable_hash
+from ..cache.manifest import STAGE_NAMES, STAGES, Manifest, file_identity, stable_hash
 from ..controlnets import ControlNetConfigUnit
 from ..data import VideoData, save_video
 from ..models.model_manager import ModelManager
 from ..progress import ProgressCallback, ProgressEvent
-from ..utils.atomic import atomic_save_safetensors, atomic_write_text, is_temp_name
-from .sd_video import SDVideoPipeline, VideoFrames, WindowJournal, _remove_store
+from ..schedulers.ddim import ddim_timesteps
+from ..utils.atomic import DiskFullError, atomic_save_safetensors, atomic_write_text, is_temp_name
+from .sd_video import SDVideoPipeline, VideoFrames, WindowJournal, _put_all, _remove_store, sliding_windows
 
 logger = logging.getLogger("diffsynth")
 
-# Parameters of pipeline_inputs that change results (batch sizes and vram options do not).
-_DENOISE_PARAMS = ("cfg_scale", "denoising_strength", "num_inference_steps", "animatediff_batch_size", "animatediff_stride", "cross_frame_attention", "smoother_progress_ids")
+# Parameters of pipeline_inputs that change denoising results (batch sizes and vram options do not;
+# smoother_progress_ids count only through the steps smoothed inside the loop, see stage_keys).
+_DENOISE_PARAMS = ("cfg_scale", "denoising_strength", "num_inference_steps", "animatediff_batch_size", "animatediff_stride", "cross_frame_attention")
+
+# The progress events of the pipeline methods each stage calls that count as that stage's work
+# (the in-loop smoother's decode/encode inside stage 4, for one, do not).
+_STAGE_EVENTS = {1: "annotate", 3: "initial latents", 4: "denoise", 5: "decode"}
+
+# FastBlend fast mode's progress stages (extensions/FastBlend/runners/fast.py) -> runner stages.
+_FASTBLEND_STAGES = {"FastBlend left pass": 6, "FastBlend right pass": 7, "FastBlend merge": 8}
+
+
+def denoising_plan(inputs: dict, num_frames: int) -> dict:
+    """What the denoising loop will do, from ``pipeline_inputs`` alone (no models).
+
+    ``steps``: timesteps actually run (fewer than ``num_inference_steps`` when
+    ``denoising_strength`` < 1); ``in_loop``: the step indices smoothed inside the loop;
+    ``final``: whether the decoded frames are smoothed (``-1`` or ``num_inference_steps``
+    in ``smoother_progress_ids``, as the original); ``window_frames``: frames summed over
+    one step's sliding windows (the unit of stage 4's progress).
+    """
+    num_inference_steps = inputs.get("num_inference_steps", 20)
+    steps = len(ddim_timesteps(num_inference_steps, inputs.get("denoising_strength", 1.0)))
+    ids = set(inputs.get("smoother_progress_ids", []))
+    windows = sliding_windows(num_frames, inputs.get("animatediff_batch_size", 16), inputs.get("animatediff_stride", 8))
+    return {"steps": steps, "in_loop": sorted(i for i in ids if 0 <= i < steps),
+            "final": -1 in ids or num_inference_steps in ids, "window_frames": sum(w.end - w.start for w in windows)}
 
 
 def _remove_temp_files(folder: str, name: str) -> None:
@@ -57,29 +93,49 @@ class RunError(RuntimeError):
 
 
 class _Progress:
-    """One tqdm bar over all stages' work units (frames), with events for a UI; resumes count what is done."""
+    """One tqdm bar over all stages' work, with ``ProgressEvent``s for a UI.
 
-    def __init__(self, total: int, done: int, bar_cmd, callback: ProgressCallback | None):
-        self.total = total
-        self.done = done
+    Each stage has a fixed weight in work units (frames; frames × windows × steps for
+    denoising). Work reported inside a stage counts up to its weight and finishing a stage
+    tops it up, so the bar ends at exactly ``total`` on a complete run, fresh or resumed;
+    a resumed run starts at the work already on disk.
+    """
+
+    def __init__(self, weights: dict[int, int], done: dict[int, int], bar_cmd, callback: ProgressCallback | None):
+        self.weights = weights
+        self.counted = {sid: min(done.get(sid, 0), w) for sid, w in weights.items()}
+        self.total = sum(weights.values())
         self.callback = callback
-        self.bar = bar_cmd(total=total, initial=done, desc="render", unit="frame") if bar_cmd is not None else None
+        self.bar = bar_cmd(total=self.total, initial=self.done, desc="render", unit="unit") if bar_cmd is not None else None
         self.stage = "setup"
+        self.stage_id: int | None = None
+
+    @property
+    def done(self) -> int:
+        return sum(self.counted.values())
 
     def set_stage(self, stage_id: int, name: str) -> None:
+        self.stage_id = stage_id
         self.stage = f"{stage_id} {name}"
         if self.bar is not None:
             self.bar.set_description(f"stage {stage_id}: {name}")
         self._emit()
 
     def __call__(self, stage: str, done: int, total: int | None) -> None:
-        self.done += done
-        if self.bar is not None:
-            self.bar.update(done)
-        self._emit()
+        """The pipeline methods' callback: counts only the events that are the current stage's work."""
+        if _STAGE_EVENTS.get(self.stage_id) == stage:
+            self.advance(done)
 
     def advance(self, n: int) -> None:
-        self(self.stage, n, None)
+        """``n`` units of the current stage finished (capped at the stage's weight); always emits an event."""
+        if self.stage_id is not None:
+            self._count(self.stage_id, n)
+        self._emit()
+
+    def finish_stage(self, stage_id: int) -> None:
+        """Top the stage up to its weight (a resumed or skipped stage); emits only if that changed the count."""
+        if self._count(stage_id, self.weights[stage_id]):
+            self._emit()
 
     def each(self, items, total=None, desc=None):
         """A ``progress_bar_cmd`` for ``save_video``: one unit per frame as it is consumed."""
@@ -87,13 +143,93 @@ class _Progress:
             yield item
             self.advance(1)
 
+    def _count(self, stage_id: int, n: int) -> int:
+        step = max(0, min(n, self.weights[stage_id] - self.counted[stage_id]))
+        self.counted[stage_id] += step
+        if step and self.bar is not None:
+            self.bar.update(step)
+        return step
+
     def _emit(self) -> None:
         if self.callback is not None:
-            self.callback(ProgressEvent(self.stage, min(self.done, self.total), self.total))
+            self.callback(ProgressEvent(self.stage, self.done, self.total))
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+class _SmootherStages:
+    """Turns the final smoothing into stages 6-8: FastBlend's pass events begin and finish them.
+
+    Installed as the ``progress_callback`` of the chain's first fast-mode FastBlend. Its
+    events count only while :meth:`activate` is in effect (the final smoothing); inside
+    the denoising loop the same smoother's work belongs to stage 4.
+    """
+
+    def __init__(self):
+        self.target = None
+        self.installed = False  # set by _load_smoother when a fast-mode FastBlend reports here
+        self.current: int | None = None
+        self.counted: dict[int, int] = {}
+
+    def activate(self, manifest: Manifest, keys: dict[int, str], progress: _Progress, out: str) -> None:
+        self.target = (manifest, keys, progress, out)
+        self.current: int | None = None
+        self.counted: dict[int, int] = {}
+
+    def deactivate(self) -> None:
+        self.target = None
+
+    def enter(self, stage_id: int) -> None:
+        """Finish every smoother stage before ``stage_id`` not yet finished, then begin ``stage_id``."""
+        manifest, keys, progress, out = self.target
+        for sid in range(6, stage_id):
+            if not manifest.is_done(sid, keys[sid]):
+                folder = os.path.join(out, "smoother", "left" if sid == 6 else "right")
+                manifest.finish(sid, keys[sid], bytes=_folder_bytes(folder))
+            progress.finish_stage(sid)
+        if self.current != stage_id:
+            self.current = stage_id
+            if not manifest.is_done(stage_id, keys[stage_id]):
+                manifest.begin(stage_id, keys[stage_id])
+            progress.set_stage(stage_id, STAGE_NAMES[stage_id])
+
+    def __call__(self, event: ProgressEvent) -> None:
+        stage_id = _FASTBLEND_STAGES.get(event.stage)
+        if self.target is None or stage_id is None or (self.current is not None and stage_id < self.current):
+            return
+        self.enter(stage_id)
+        if event.done == 0:
+            self.counted[stage_id] = 0  # a pass announces itself with done=0
+            return
+        progress = self.target[2]
+        progress.advance(event.done - self.counted.get(stage_id, 0))
+        self.counted[stage_id] = event.done
+
+
+_WEIGHT_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin", ".safetensors", ".onnx", ".json")
+
+
+def _weights_identity(folder: str) -> dict | None:
+    """``file_identity`` of the weight (and model config) files under ``folder``: a README edited there changes nothing."""
+    identity = file_identity(folder)
+    if identity is not None and "files" in identity:
+        identity["files"] = [entry for entry in identity["files"] if entry[0].lower().endswith(_WEIGHT_SUFFIXES)]
+    return identity
+
+
+def _folder_bytes(folder: str) -> int:
+    if not os.path.isdir(folder):
+        return 0
+    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(folder) for f in files)
+
+
+def _count_committed(folder: str) -> int:
+    """Per-frame files committed in ``folder`` (``000012.png``; temporary files excluded)."""
+    if not os.path.isdir(folder):
+        return 0
+    return sum(1 for name in os.listdir(folder) if name.split(".")[0].isdigit())
 
 
 def _load_embeddings(path: str) -> dict | None:
@@ -113,11 +249,39 @@ def _load_embeddings(path: str) -> dict | None:
     return None
 
 
-def _io_error(where: str, out: str, exc: OSError) -> RunError:
-    return RunError(
-        f"{where} stopped on an I/O error while writing into {out}: {exc}. "
-        "Free disk space (or fix the folder) and run the same config again: finished work is kept and the run continues."
-    )
+def _human(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _io_error(where: str, out: str, exc: OSError, num_frames: int | None = None) -> RunError:
+    """The message of a run stopped by an I/O error; a full disk gets the folder, the bytes and what is still needed."""
+    remedy = "run the same config again: finished work is kept and the run continues."
+    if exc.errno not in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return RunError(f"{where} stopped on an I/O error while writing into {out}: {exc}. Fix the folder and {remedy}")
+    path = os.path.abspath(exc.filename) if exc.filename else None
+    folder = os.path.dirname(path) if path else os.path.abspath(out)
+    nbytes = exc.nbytes if isinstance(exc, DiskFullError) else None
+    writing = os.path.basename(path) if path else "a file"
+    if nbytes is not None:
+        writing += f" ({_human(nbytes)} written of it when the disk filled)"
+    # What the folder being written still needs: its missing frame files at the size of those committed.
+    need = ""
+    if num_frames and path and os.path.basename(path).split(".")[0].isdigit():
+        committed = _count_committed(folder)
+        per_file = _folder_bytes(folder) / committed if committed else (nbytes or 0)
+        left = max(num_frames - committed, 1)
+        if per_file:
+            need = f"; that folder still needs about {_human(per_file * left)} ({left} more frame files of ~{_human(per_file)})"
+    try:
+        free = f"{_human(shutil.disk_usage(folder if os.path.isdir(folder) else out).free)} free now"
+    except OSError as usage_error:
+        free = f"free space unknown: {usage_error}"
+    return RunError(f"{where} stopped: {os.strerror(exc.errno)} ({free}) while writing {writing} into {folder}{need}. "
+                    f"Free disk space there and {remedy}")
 
 
 class SDVideoPipelineRunner:
@@ -189,16 +353,23 @@ class SDVideoPipelineRunner:
         k0 = stable_hash({"stage": 0, "input": frames_id(data["input_frames"])})
         specs = data.get("controlnet_frames") or [data["input_frames"]] * len(models.get("controlnet_units", []))
         units = [{"processor": u["processor_id"], "frames": frames_id(s)} for u, s in zip(models.get("controlnet_units", []), specs)]
-        k1 = stable_hash({"stage": 1, "units": units, "annotators": file_identity(models.get("annotator_folder", "models/Annotators"))})
+        neural = any(u["processor_id"] not in ("tile", "canny") for u in models.get("controlnet_units", []))  # these two read no weights
+        annotators = _weights_identity(models.get("annotator_folder", "models/Annotators")) if neural else None
+        k1 = stable_hash({"stage": 1, "units": units, "annotators": annotators})
         k2 = stable_hash({"stage": 2, "models": model_ids, "alphas": models.get("lora_alphas", []), "ti": ti,
                           "prompt": inputs.get("prompt"), "negative": inputs.get("negative_prompt", ""), "clip_skip": inputs.get("clip_skip", 1)})
         k3 = stable_hash({"stage": 3, "k0": k0, "models": model_ids, "seed": pipeline.get("seed", 0), "n": plan["num_frames"],
                           "size": [plan["height"], plan["width"]], "strength": inputs.get("denoising_strength", 1.0), "steps": inputs.get("num_inference_steps", 20)})
+        # The smoother enters denoising only through the steps it smooths inside the loop: a smoother
+        # that only smooths the final frames (stages 6-8) must not invalidate the denoised latents.
+        smoother = config.get("smoother_configs") or None
+        denoise = denoising_plan(inputs, plan["num_frames"])
+        in_loop = denoise["in_loop"] if smoother else []
+        final = bool(smoother) and denoise["final"]
         k4 = stable_hash({"stage": 4, "k1": k1, "k2": k2, "k3": k3, "units": models.get("controlnet_units", []),
-                          "params": {p: inputs.get(p) for p in _DENOISE_PARAMS}, "smoother": config.get("smoother_configs")})
-        k5 = stable_hash({"stage": 5, "k4": k4})
-        smooth = {"k0": k0, "smoother": config.get("smoother_configs")}
-        k6 = stable_hash({"stage": 6, "k5": k5, **smooth})
+                          "params": {p: inputs.get(p) for p in _DENOISE_PARAMS}, "in_loop": in_loop, "smoother": smoother if in_loop else None})
+        k5 = stable_hash({"stage": 5, "k4": k4, "final_smoothing": final})
+        k6 = stable_hash({"stage": 6, "k5": k5, "k0": k0, "smoother": smoother if final else None})
         k7 = stable_hash({"stage": 7, "k6": k6})
         k8 = stable_hash({"stage": 8, "k7": k7})
         k9 = stable_hash({"stage": 9, "k8": k8, "fps": data.get("fps", 30)})
@@ -223,16 +394,16 @@ class SDVideoPipelineRunner:
         frames = image_store(os.path.join(out, "frames"), plan["num_frames"], size=(plan["width"], plan["height"]))
         if manifest.is_done(9, keys[9]) and os.path.isfile(os.path.join(out, "video.mp4")) and frames.complete():
             logger.info("%s is complete and up to date; nothing to do", out)
+            if self.progress_callback is not None:
+                total = sum(self._stage_weights(plan).values())
+                self.progress_callback(ProgressEvent("9 video encode", total, total))
             return VideoFrames(frames)
-        n = plan["num_frames"]
-        steps = config["pipeline"]["pipeline_inputs"].get("num_inference_steps", 20)
-        units = len(config["models"].get("controlnet_units", []))
-        total = n * (1 + units + 1 + steps + 1 + 3 + 1) + 1
-        progress = _Progress(total, self._work_done(manifest, keys, n, units, steps), self.progress_bar_cmd, self.progress_callback)
+        weights = self._stage_weights(plan)
+        progress = _Progress(weights, self._work_done(manifest, keys, plan, weights), self.progress_bar_cmd, self.progress_callback)
         try:
             return self._run_stages(plan, manifest, keys, progress)
         except OSError as exc:
-            raise _io_error(f"stage {progress.stage}", out, exc) from exc
+            raise _io_error(f"stage {progress.stage}", out, exc, plan["num_frames"]) from exc
         finally:
             progress.close()
 
@@ -245,6 +416,7 @@ class SDVideoPipelineRunner:
         data, inputs = config["data"], config["pipeline"]["pipeline_inputs"]
         out = data["output_folder"]
         n, width, height = plan["num_frames"], plan["width"], plan["height"]
+        keep = data.get("keep_intermediates", False)
 
         # stage 0: source frames (lazy reader -> PNG per frame)
         progress.set_stage(0, "source frames")
@@ -258,9 +430,11 @@ class SDVideoPipelineRunner:
                     writer.put(i, frame)
                     progress.advance(1)
             manifest.finish(0, keys[0], frames=n, bytes=source.nbytes())
+        progress.finish_stage(0)
 
         pipe, model_manager = self._load_pipeline(config)
-        smoother = self._load_smoother(config, model_manager)
+        smoother_stages = _SmootherStages()
+        smoother, owns_cache = self._load_smoother(config, model_manager, smoother_stages)
         root = out
 
         # stage 1: ControlNet annotations
@@ -273,6 +447,7 @@ class SDVideoPipelineRunner:
             manifest.finish(1, keys[1], bytes=sum(s.nbytes() for s in cond_stores))
         else:
             manifest.finish(1, keys[1], skipped="no ControlNet units")
+        progress.finish_stage(1)
 
         # stage 2: prompt embeddings
         progress.set_stage(2, "prompt embeddings")
@@ -311,6 +486,7 @@ class SDVideoPipelineRunner:
             else:
                 latents = tensor_store(os.path.join(out, "latents", f"step_{current:03d}"), n)
                 manifest.finish(3, keys[3], note="consumed by denoising")
+            progress.finish_stage(3)
             progress.set_stage(4, "denoising")
             manifest.begin(4, keys[4])
             options = dict(cfg_scale=inputs.get("cfg_scale", 7.5), animatediff_batch_size=inputs.get("animatediff_batch_size", 16),
@@ -337,37 +513,35 @@ class SDVideoPipelineRunner:
             manifest.finish(4, keys[4], steps_done=num_steps, bytes=latents.nbytes())
         elif not manifest.is_done(3, keys[3]):
             manifest.finish(3, keys[3], note="consumed by denoising")
+        progress.finish_stage(3)
+        progress.finish_stage(4)
 
         # stage 5: VAE decode (fp32)
         progress.set_stage(5, "VAE decode")
-        ids = set(inputs.get("smoother_progress_ids", []))
-        final_smoothing = smoother is not None and (-1 in ids or num_steps in ids)  # as the original: only when asked for
-        decoded_folder = os.path.join(out, "latents", "decoded") if final_smoothing else os.path.join(out, "frames")
-        decoded = image_store(decoded_folder, n, size=(width, height))
+        final_smoothing = smoother is not None and denoising_plan(inputs, n)["final"]  # as the original: only when asked for
         frames = image_store(os.path.join(out, "frames"), n, size=(width, height))
-        if not (manifest.is_done(5, keys[5]) and (decoded.complete() or frames.complete())):
+        decoded = image_store(os.path.join(out, "latents", "decoded"), n, size=(width, height)) if final_smoothing else frames
+        smoothed = final_smoothing and manifest.is_done(8, keys[8]) and frames.complete()
+        if not smoothed and not (manifest.is_done(5, keys[5]) and decoded.complete()):
             manifest.begin(5, keys[5])
             pipe.decode(final_latents, decoded, progress)
             manifest.finish(5, keys[5], bytes=decoded.nbytes())
+        progress.finish_stage(5)
 
-        # stages 6-8: the smoother (FastBlend's left pass, right pass, blend), streaming through smoother/
+        # stages 6-8: the smoother (FastBlend's left pass, right pass, merge), streaming through smoother/
         if final_smoothing:
-            for sid, name in ((6, "smoother left pass"), (7, "smoother right pass")):
-                progress.set_stage(sid, name)
-                manifest.finish(sid, keys[sid], note="part of the streaming smoother (stage 8)")
-            progress.set_stage(8, "smoother blend")
-            if not (manifest.is_done(8, keys[8]) and frames.complete()):
-                manifest.begin(8, keys[8])
-                result = smoother(VideoFrames(decoded), original_frames=source)
-                from .sd_video import _put_all
-
-                _put_all(frames, result)
-                manifest.finish(8, keys[8], bytes=frames.nbytes())
-                if not config["data"].get("keep_intermediates", False):
-                    _remove_store(decoded)
+            if not smoothed:
+                self._smooth(smoother, smoother_stages, decoded, source, frames, manifest, keys, progress, out)
+            for sid in (6, 7, 8):
+                progress.finish_stage(sid)
+            if not keep:  # the smoothed frames are in frames/: the unsmoothed ones are no longer needed
+                _remove_store(decoded)
         else:
-            for sid, name in ((6, "smoother left pass"), (7, "smoother right pass"), (8, "smoother blend")):
-                manifest.finish(sid, keys[sid], skipped="no smoother")
+            for sid in (6, 7, 8):
+                manifest.finish(sid, keys[sid], skipped="no smoother" if smoother is None else "the smoother runs only inside the denoising loop")
+                progress.finish_stage(sid)
+        if not keep and owns_cache and os.path.isdir(os.path.join(out, "smoother")):
+            shutil.rmtree(os.path.join(out, "smoother"))  # FastBlend's cache: its results are in frames/ (or the latents)
 
         # stage 9: video encode
         progress.set_stage(9, "video encode")
@@ -377,10 +551,36 @@ class SDVideoPipelineRunner:
             _remove_temp_files(out, "video.mp4")
             save_video(VideoFrames(frames), video_path, fps=data.get("fps", 30), progress_bar_cmd=progress.each)
             manifest.finish(9, keys[9], bytes=os.path.getsize(video_path))
-        else:
-            progress.advance(n)
+        progress.finish_stage(9)
         model_manager.to("cpu")
         return VideoFrames(frames)
+
+    @staticmethod
+    def _smooth(smoother, stages: "_SmootherStages", decoded, source, frames, manifest: Manifest, keys: dict[int, str], progress: _Progress, out: str) -> None:
+        """Stages 6-8 on the decoded frames, into ``frames/``.
+
+        With a fast-mode FastBlend in the chain its pass events move the stages along
+        (:class:`_SmootherStages`); a pass already complete on disk reports nothing, and
+        the next pass's first event (or the end) finishes it. Without one, stages 6 and 7
+        finish at once and everything is stage 8.
+        """
+        if stages.installed:
+            stages.activate(manifest, keys, progress, out)
+            try:
+                stages.enter(6)
+                result = smoother(VideoFrames(decoded), original_frames=source)
+                stages.enter(8)  # the merge reports nothing when its frames were all on disk already
+                _put_all(frames, result)
+            finally:
+                stages.deactivate()
+        else:
+            for sid in (6, 7):
+                manifest.finish(sid, keys[sid], note="no left/right passes: this smoother runs in stage 8")
+                progress.finish_stage(sid)
+            progress.set_stage(8, STAGE_NAMES[8])
+            manifest.begin(8, keys[8])
+            _put_all(frames, smoother(VideoFrames(decoded), original_frames=source))
+        manifest.finish(8, keys[8], bytes=frames.nbytes())
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
@@ -418,9 +618,36 @@ class SDVideoPipelineRunner:
         return 0
 
     @staticmethod
-    def _work_done(manifest: Manifest, keys: dict[int, str], n: int, units: int, steps: int) -> int:
-        weights = {0: n, 1: n * units, 2: n, 3: n, 4: n * steps, 5: n, 6: n, 7: n, 8: n, 9: n}
-        done = sum(w for sid, w in weights.items() if manifest.is_done(sid, keys[sid]))
+    def _stage_weights(plan: dict) -> dict[int, int]:
+        """Work units per stage for the progress bar: frames, and frames summed over every step's windows for denoising."""
+        config = plan["config"]
+        n = plan["num_frames"]
+        units = len(config["models"].get("controlnet_units", []))
+        denoise = denoising_plan(config["pipeline"]["pipeline_inputs"], n)
+        return {0: n, 1: n * units, 2: n, 3: n, 4: denoise["steps"] * denoise["window_frames"], 5: n, 6: n, 7: n, 8: n, 9: n}
+
+    @staticmethod
+    def _work_done(manifest: Manifest, keys: dict[int, str], plan: dict, weights: dict[int, int]) -> dict[int, int]:
+        """Work already on disk per stage: whole stages that are done, committed frames or steps of partial ones."""
+        out = plan["config"]["data"]["output_folder"]
+        n = plan["num_frames"]
+        done = {}
+        for sid, weight in weights.items():
+            if manifest.is_done(sid, keys[sid]):
+                done[sid] = weight
+            elif manifest.key_of(sid) == keys[sid]:  # partial, under the same key
+                if sid == 0:
+                    done[sid] = _count_committed(os.path.join(out, "source_images"))
+                elif sid == 1:
+                    units = len(plan["config"]["models"].get("controlnet_units", []))
+                    done[sid] = sum(_count_committed(os.path.join(out, "controlnet_caches", str(k))) for k in range(units))
+                elif sid == 4:
+                    steps = manifest.data["stages"]["4"].get("steps_done", 0)
+                    done[sid] = steps * weight // max(denoising_plan(plan["config"]["pipeline"]["pipeline_inputs"], n)["steps"], 1)
+                elif sid in (6, 7):
+                    done[sid] = _count_committed(os.path.join(out, "smoother", "left" if sid == 6 else "right"))
+                elif sid == 8:
+                    done[sid] = _count_committed(os.path.join(out, "smoother", "blended"))
         return done
 
     def _load_pipeline(self, config: dict) -> tuple[SDVideoPipeline, ModelManager]:
@@ -437,10 +664,34 @@ class SDVideoPipelineRunner:
         return pipe, model_manager
 
     @staticmethod
-    def _load_smoother(config: dict, model_manager: ModelManager):
+    def _load_smoother(config: dict, model_manager: ModelManager, stages: _SmootherStages) -> tuple[Any, bool]:
+        """The ``smoother_configs`` chain (or None) and whether its cache folder is the run's ``smoother/``.
+
+        FastBlend entries without a ``cache_folder`` get the output folder (the first such
+        entry; later ones ``smoother/processor_<k>``, so two in one chain do not share files)
+        and ``keep_partials`` from ``data.keep_intermediates``. The chain's first fast-mode
+        FastBlend reports its passes to ``stages`` (stages 6-8). Only the built processors
+        get these; ``config.json`` keeps the user's entries.
+        """
         configs = config.get("smoother_configs")
+        stages.installed = False
         if not configs:
-            return None
+            return None, False
         from ..processors import SequencialProcessor
 
-        return SequencialProcessor.from_model_manager(model_manager, configs)
+        out = config["data"]["output_folder"]
+        entries, owns_cache = [], False
+        for k, entry in enumerate(configs):
+            entry = copy.deepcopy(entry)
+            if isinstance(entry, dict) and entry.get("processor_type") == "FastBlend":
+                options = dict(entry.get("config") or {})
+                if "cache_folder" not in options:
+                    options["cache_folder"] = out if not owns_cache else os.path.join(out, "smoother", f"processor_{k}")
+                    owns_cache = True
+                options.setdefault("keep_partials", config["data"].get("keep_intermediates", False))
+                if not stages.installed and options.get("inference_mode", "fast") == "fast" and "progress_callback" not in options:
+                    options["progress_callback"] = stages
+                    stages.installed = True
+                entry["config"] = options
+            entries.append(entry)
+        return SequencialProcessor.from_model_manager(model_manager, entries), owns_cache

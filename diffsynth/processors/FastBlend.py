@@ -99,7 +99,8 @@ class FastBlendSmoother(VideoProcessor):
         self.engine = EngineSettings(minimum_patch_size=minimum_patch_size, threads_per_block=threads_per_block,
                                      num_iter=num_iter, gpu_id=gpu_id, guide_weight=guide_weight, initialize=initialize,
                                      tracking_window_size=tracking_window_size, device=self.device, backend=backend)
-        self.cache_folder = None if cache_folder is None else os.fspath(cache_folder)
+        # absolute: _check_key tells its own subfolders from stale ones by comparing with the stores' (absolute) folders
+        self.cache_folder = None if cache_folder is None else os.path.abspath(os.fspath(cache_folder))
         self.seed = int(seed)
         self.partial_dtype = partial_dtype
         self.keep_partials = keep_partials

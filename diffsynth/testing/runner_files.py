@@ -1,10 +1,13 @@
 """A tiny, complete runner project: models, an input clip and a DiffSynth-Studio-style config.
 
-Used by ``diffsynth demo``, the runner's tests and ``bench/resume.py``.
+Used by ``diffsynth demo``, the runner's tests and ``bench/resume.py``. Also
+:func:`write_documented_models`: tiny random-weight stand-ins at the paths the example
+scripts document (``models/stable_diffusion/...``), so the examples run end to end in tests.
 """
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -90,3 +93,44 @@ def write_tiny_project(folder: str, frames: int = 12, size: int = 64, smoother: 
     if smoother:
         config["smoother_configs"] = [{"processor_type": "FastBlend", "config": {"window_size": 3, "minimum_patch_size": 3, "num_iter": 2}}]
     return config
+
+
+def _documented_writer(path: str):
+    """The writer of a tiny file in the format of the documented model file ``path`` (``models/<kind>/<name>``)."""
+    from .annotator_files import write_hed_file, write_lineart_file
+    from .depth_files import write_midas_file
+    from .rife_files import write_rife_file
+
+    kind, name = os.path.basename(os.path.dirname(path)), os.path.basename(path)
+    by_name = {
+        "mm_sd_v15_v2.ckpt": write_motion_module,
+        "sk_model.pth": write_lineart_file,
+        "ControlNetHED.pth": write_hed_file,
+        "dpt_hybrid-midas-501f0c75.pt": write_midas_file,
+        "flownet.pkl": write_rife_file,
+    }
+    if name in by_name:
+        return by_name[name]
+    if kind == "stable_diffusion":
+        return write_sd_checkpoint
+    if kind == "ControlNet":
+        seed = sum(name.encode()) % 1000  # each ControlNet its own weights
+        return lambda target: write_controlnet(target, seed=seed)
+    if kind == "textual_inversion":
+        return write_textual_inversion
+    raise ValueError(f"no tiny stand-in is known for {path}; add a writer for it in diffsynth/testing/runner_files.py")
+
+
+def write_documented_models(root: str, paths: Iterable[str]) -> list[str]:
+    """Write a tiny random-weight file at ``root/path`` for each documented model path (e.g. an example's ``MODEL_FILES``).
+
+    Each file has the real on-disk format of the file it stands in for, so the example loads it
+    through the same detection and loaders as the downloaded one. Returns the files written.
+    """
+    written = []
+    for path in paths:
+        target = os.path.join(root, path)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        _documented_writer(path)(target)
+        written.append(target)
+    return written

@@ -26,6 +26,7 @@ from collections.abc import Iterator, Mapping
 from typing import IO, Any
 
 __all__ = [
+    "DiskFullError",
     "TEMP_PREFIX",
     "TEMP_SUFFIX",
     "is_temp_name",
@@ -68,8 +69,9 @@ def atomic_path(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[str]
             _fsync_file(tmp)
         os.replace(tmp, target)
     except BaseException as exc:
+        written = _size_if_present(tmp)
         _remove_if_present(tmp)
-        _raise_disk_full_clearly(exc, target)
+        _raise_disk_full_clearly(exc, target, written)
         raise
     if fsync:
         _fsync_folder(folder)
@@ -188,15 +190,37 @@ def _remove_if_present(path: str) -> None:
         os.remove(path)
 
 
-def _raise_disk_full_clearly(exc: BaseException, target: str) -> None:
-    """Re-raise ENOSPC/EDQUOT with the folder named and a remedy (the errno is kept)."""
+class DiskFullError(OSError):
+    """ENOSPC/EDQUOT while writing ``filename`` atomically (``errno`` kept).
+
+    ``nbytes`` is the size the temporary file had when the write failed: the whole item
+    when the final rename failed, the part that fitted when a write did (so the item
+    needs at least that much); None if it could not be measured.
+    """
+
+    def __init__(self, errno_: int, message: str, filename: str, nbytes: int | None):
+        super().__init__(errno_, message, filename)
+        self.nbytes = nbytes
+
+
+def _size_if_present(path: str) -> int | None:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return None
+
+
+def _raise_disk_full_clearly(exc: BaseException, target: str, written: int | None = None) -> None:
+    """Re-raise ENOSPC/EDQUOT as a ``DiskFullError`` naming the file, its folder, the bytes and a remedy."""
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
         folder = os.path.dirname(os.path.abspath(target))
-        raise OSError(
+        size = "" if written is None else f" ({written} bytes written of it when the write failed)"
+        raise DiskFullError(
             exc.errno,
-            f"No space left while writing {os.path.basename(target)} in {folder}; "
+            f"No space left while writing {os.path.basename(target)}{size} in {folder}; "
             "free some space there and run the same command again (finished work is kept)",
             target,
+            written,
         ) from exc
 
 
