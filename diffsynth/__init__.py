@@ -6,10 +6,10 @@ from .controlnets import Annotator, ControlNetConfigUnit, ControlNetUnit, MultiC
 from .models import *  # noqa: F401,F403  (the original's public names)
 from .models import __all__ as _models_all
 from .data import VideoData, crop_and_resize, save_frames, save_video
-from .pipelines import SDImagePipeline, SDVideoPipeline, SDVideoPipelineRunner
+from .pipelines import SDImagePipeline, SDVideoPipeline, SDVideoPipelineRunner, SDXLImagePipeline
 from .progress import ProgressEvent
-from .prompts import SDPrompter, tokenize_long_prompt
+from .prompts import BeautifulPrompt, SDPrompter, SDXLPrompter, Translator, tokenize_long_prompt
 from .schedulers import EnhancedDDIMScheduler
 
 __version__ = "0.1.0"
-__all__ = [*_models_all, "Annotator", "ControlNetConfigUnit", "ControlNetUnit", "MultiControlNetManager", "SDImagePipeline", "SDVideoPipeline", "SDVideoPipelineRunner", "VideoData", "crop_and_resize", "save_frames", "save_video", "ProgressEvent", "SDPrompter", "tokenize_long_prompt", "EnhancedDDIMScheduler"]
+__all__ = [*_models_all, "Annotator", "ControlNetConfigUnit", "ControlNetUnit", "MultiControlNetManager", "SDImagePipeline", "SDXLImagePipeline", "SDVideoPipeline", "SDVideoPipelineRunner", "VideoData", "crop_and_resize", "save_frames", "save_video", "ProgressEvent", "SDPrompter", "SDXLPrompter", "BeautifulPrompt", "Translator", "tokenize_long_prompt", "EnhancedDDIMScheduler"]

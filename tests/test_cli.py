@@ -35,6 +35,23 @@ def test_txt2img_writes_the_image_atomically(tiny_sd_file, tmp_path):
     assert np.array_equal(first, np.asarray(Image.open(out)))  # same seed, same image
 
 
+def test_txt2img_renders_sdxl_checkpoints_with_the_sdxl_pipeline(tmp_path, capsys):
+    path = factory.write_sdxl_checkpoint(str(tmp_path / "sdxl.safetensors"))
+    out = tmp_path / "xl.png"
+    args = ["txt2img", "--model", path, "--prompt", "a cat", "--out", str(out), "--steps", "1", "--height", "64", "--width", "64", "--device", "cpu"]
+    assert main(args) == 0
+    assert Image.open(out).size == (64, 64)
+
+
+def test_sd_pipeline_refuses_an_sdxl_checkpoint(tmp_path):
+    from diffsynth import ModelManager, SDImagePipeline
+
+    mm = ModelManager(device="cpu")
+    mm.load_models([factory.write_sdxl_checkpoint(str(tmp_path / "sdxl.safetensors"))])
+    with pytest.raises(ValueError, match="SDXLImagePipeline"):
+        SDImagePipeline.from_model_manager(mm)
+
+
 def test_errors_are_messages_not_tracebacks(tmp_path, capsys):
     code = main(["txt2img", "--model", str(tmp_path / "missing.safetensors"), "--prompt", "x", "--out", str(tmp_path / "o.png"), "--device", "cpu"])
     assert code == 2

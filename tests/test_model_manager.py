@@ -86,6 +86,7 @@ def test_standalone_vae_overrides_the_checkpoint_vae(tmp_path, tiny_sd_file, lay
 def test_fingerprints_do_not_collide(tmp_path):
     files = {
         "sd1_checkpoint": factory.write_sd_checkpoint(str(tmp_path / "a.safetensors")),
+        "sdxl_checkpoint": factory.write_sdxl_checkpoint(str(tmp_path / "xl.safetensors")),
         "vae": factory.write_vae(str(tmp_path / "v.safetensors")),
         "vae_diffusers": factory.write_vae(str(tmp_path / "vd.safetensors"), layout="diffusers"),
         "lora": factory.write_lora(str(tmp_path / "l.safetensors")),
@@ -105,6 +106,10 @@ def test_fingerprints_do_not_collide(tmp_path):
     folder = factory.write_diffusers_folder(str(tmp_path / "d"))
     files["unet_diffusers"] = os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors")
     files["clip_text"] = os.path.join(folder, "text_encoder", "model.safetensors")
+    from diffsynth.testing.prompt_model_files import write_beautiful_prompt_folder, write_translator_folder
+
+    files["translator"] = os.path.join(write_translator_folder(str(tmp_path / "opus-mt")), "model.safetensors")
+    files["beautiful_prompt"] = os.path.join(write_beautiful_prompt_folder(str(tmp_path / "bloom")), "model.safetensors")
     assert set(files) == {f.family for f in FINGERPRINTS if f.supported}
     for family, path in files.items():
         keys = list(read_header(path))

@@ -152,13 +152,16 @@ def test_bad_textual_inversions_rejected(prompter, keyword, num_vectors, match):
 # --- refiners ----------------------------------------------------------------------------
 
 
-def test_refiners_apply_to_positive_prompts_after_keywords(prompter, caplog):
+def test_refiners_apply_to_positive_prompts_before_keywords(prompter, caplog):
     prompter.add_textual_inversion("cat", 1)
-    prompter.add_prompt_refiner(lambda p: p.strip() + ", masterpiece")
+    seen = []
+    prompter.add_prompt_refiner(lambda p: seen.append(p) or p.strip() + ", masterpiece")
     with caplog.at_level(logging.INFO, logger="diffsynth"):
-        assert prompter.process_prompt("cat") == "cat_0, masterpiece"
-    assert "cat_0, masterpiece" in caplog.text
+        assert prompter.process_prompt("cat") == " cat_0 , masterpiece"
+    assert seen == ["cat"]  # refiners see the keyword as typed, never the token names
+    assert "cat, masterpiece" in caplog.text
     assert prompter.process_prompt("cat", positive=False) == " cat_0 "
+    assert seen == ["cat"]
 
 
 def test_refiner_must_return_text(prompter):

@@ -6,6 +6,8 @@ from .sd_motion import MotionModuleConfig, SDMotionModel
 from .sd_text_encoder import CLIPTextConfig, SDTextEncoder
 from .sd_unet import SDUNet, SDUNetConfig
 from .sd_vae import SDVAEConfig, SDVAEDecoder, SDVAEEncoder
+from .sdxl_text_encoder import OpenCLIPTextConfig, SDXLTextEncoder, SDXLTextEncoder2
+from .sdxl_unet import SDXLUNet, SDXLVAEDecoder, SDXLVAEEncoder
 from .state_dict import load_state_dict
 
 __all__ = [
@@ -22,5 +24,11 @@ __all__ = [
     "SDVAEConfig",
     "SDVAEDecoder",
     "SDVAEEncoder",
+    "OpenCLIPTextConfig",
+    "SDXLTextEncoder",
+    "SDXLTextEncoder2",
+    "SDXLUNet",
+    "SDXLVAEDecoder",
+    "SDXLVAEEncoder",
     "load_state_dict",
 ]

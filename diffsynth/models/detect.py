@@ -32,6 +32,8 @@ class Fingerprint:
 
 
 _SD_UNET = r"^model\.diffusion_model\.input_blocks\.0\.0\.weight$"
+_SDXL_LABEL_EMB = r"^model\.diffusion_model\.label_emb\.0\.0\.weight$"
+_REFINER_LEVEL = r"^model\.diffusion_model\.input_blocks\.9\."
 _CLIP_L = r"^cond_stage_model\.transformer\.(text_model\.)?embeddings\.token_embedding\.weight$"
 
 FINGERPRINTS: tuple[Fingerprint, ...] = (
@@ -48,20 +50,23 @@ FINGERPRINTS: tuple[Fingerprint, ...] = (
         supported=False,
         note="Stable Diffusion 2.x is not supported; use an SD 1.x or SDXL checkpoint.",
     ),
+    # SDXL base and Turbo share one layout: a 3-level UNet with the add embedding (label_emb),
+    # CLIP-L under conditioner.embedders.0 and OpenCLIP bigG under conditioner.embedders.1.
     Fingerprint(
         "sdxl_checkpoint",
         "Stable Diffusion XL base/Turbo checkpoint",
-        required=(_SD_UNET, r"^conditioner\.embedders\.0\.transformer\.", r"^conditioner\.embedders\.1\.model\."),
-        supported=False,
-        note="SDXL checkpoints are not supported by this version yet (SDXL support is a planned feature).",
+        required=(_SD_UNET, _SDXL_LABEL_EMB),
+        forbidden=(r"^cond_stage_model\.", r"^conditioner\.embedders\.0\.model\.", _REFINER_LEVEL, r"^control_model\."),
     ),
+    # The refiner: bigG alone under conditioner.embedders.0, and a 4-level UNet (input_blocks.9 exists;
+    # SDXL base has input blocks 0-8 only), so UNet-only refiner exports are recognised too.
     Fingerprint(
         "sdxl_refiner",
         "Stable Diffusion XL refiner checkpoint",
-        required=(_SD_UNET, r"^conditioner\.embedders\.0\.model\."),
-        forbidden=(r"^conditioner\.embedders\.1\.",),
+        required=(_SD_UNET, _SDXL_LABEL_EMB, _REFINER_LEVEL),
         supported=False,
-        note="SDXL refiner checkpoints are not supported; use an SDXL base or Turbo checkpoint.",
+        note="The SDXL refiner is not supported (it is a second-stage img2img model with its own text conditioning); "
+        "use an SDXL base or SDXL Turbo checkpoint.",
     ),
     Fingerprint(
         "vae",
@@ -106,6 +111,17 @@ FINGERPRINTS: tuple[Fingerprint, ...] = (
         "RIFE frame interpolation model (flownet.pkl)",
         required=(r"^(module\.)?block_tea\.convblock3\.0\.1\.weight$", r"^(module\.)?block0\.conv0\.0\.0\.weight$"),
     ),
+    # Weight files inside Hugging Face folders; the folder (config.json, tokenizer) is what loads.
+    Fingerprint(
+        "translator",
+        "MarianMT translation model (weights of a Hugging Face folder such as opus-mt-zh-en)",
+        required=(r"^model\.encoder\.layers\.0\.self_attn_layer_norm\.weight$", r"^model\.decoder\.layers\.0\.encoder_attn\.k_proj\.weight$"),
+    ),
+    Fingerprint(
+        "beautiful_prompt",
+        "BeautifulPrompt BLOOM language model (weights of a Hugging Face folder such as pai-bloom-1b1-text2prompt-sd)",
+        required=(r"^(transformer\.)?h\.0\.self_attention\.query_key_value\.weight$", r"^(transformer\.)?word_embeddings_layernorm\.weight$"),
+    ),
     Fingerprint(
         "lora",
         "LoRA (kohya/civitai format)",
@@ -135,7 +151,7 @@ def detect(keys: Iterable[str], source: str = "<state dict>") -> Fingerprint:
         raise ModelFileError(
             source,
             f"is not a model this program knows (it matches no known layout; its keys start with: {_prefix_summary(keys)}).",
-            "Check that the file is a Stable Diffusion 1.x checkpoint, VAE, LoRA or embedding, and that it is complete.",
+            "Check that the file is a Stable Diffusion 1.x or SDXL checkpoint, VAE, LoRA or embedding, and that it is complete.",
         )
     raise ModelFileError(
         source,

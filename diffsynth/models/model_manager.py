@@ -29,13 +29,16 @@ from .sd_motion import build_motion_model
 from .sd_text_encoder import SDTextEncoder, infer_clip_text_config
 from .sd_unet import SDUNet, infer_unet_config
 from .sd_vae import SDVAEDecoder, SDVAEEncoder, infer_vae_config
+from .sdxl_text_encoder import SDXLTextEncoder, SDXLTextEncoder2, convert_open_clip_text_to_hf, convert_text_encoder_2_from_hf, infer_text_encoder_2_config
+from .sdxl_unet import SDXL_VAE_SCALING_FACTOR, SDXLUNet, SDXLVAEDecoder, SDXLVAEEncoder, is_sdxl_unet_config
 from ..utils.device import default_device
 from .state_dict import load_state_dict, read_header
-from .textual_inversion import load_textual_inversions
+from .textual_inversion import folder_holds_sdxl_embeddings, load_textual_inversions, load_textual_inversions_sdxl
 
 logger = logging.getLogger("diffsynth")
 
 SD_COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+SDXL_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
 
 _DIFFUSERS_WEIGHT_NAMES = (
     "diffusion_pytorch_model.safetensors",
@@ -75,6 +78,10 @@ class ModelManager:
         self.model_path: dict[str, Any] = {}
         self.textual_inversion_dict: dict[str, torch.Tensor] = {}
         self.textual_inversion_ids: dict[str, list[int]] = {}
+        # SDXL embeddings: the clip_l halves are in textual_inversion_dict, the clip_g halves here.
+        self.textual_inversion_dict_2: dict[str, torch.Tensor] = {}
+        self.textual_inversion_ids_2: dict[str, list[int]] = {}
+        self.textual_inversion_folder: str | None = None
 
     # ------------------------------------------------------------------ access
     def __getattr__(self, name: str) -> Any:
@@ -122,6 +129,7 @@ class ModelManager:
             raise ModelFileError(file_path, f"is a {kind.description}.", kind.note)
         loader = {
             "sd1_checkpoint": self._load_sd1_checkpoint,
+            "sdxl_checkpoint": self._load_sdxl_checkpoint,
             "vae": self._load_vae_ldm,
             "vae_diffusers": self._load_vae_diffusers_file,
             "unet_diffusers": self._load_unet_diffusers_file,
@@ -130,6 +138,8 @@ class ModelManager:
             "controlnet_diffusers": self._load_controlnet_diffusers_file,
             "motion_module": self._load_motion_module,
             "rife": self._load_rife,
+            "translator": lambda p, c: self._load_prompt_model(p, c, expected="translator"),
+            "beautiful_prompt": lambda p, c: self._load_prompt_model(p, c, expected="beautiful_prompt"),
             "diffusers_folder": self._load_diffusers_folder,
         }.get(kind.family)
         if kind.family == "lora":
@@ -156,20 +166,46 @@ class ModelManager:
             text_encoder=self.model.get("text_encoder"),
             strength=alpha,
             unet_module_map=convert.unet_module_map(unet.config),
+            text_encoder_2=self.model.get("text_encoder_2"),
         )
         self.model_path.setdefault("lora", []).append(file_path)
 
     def load_textual_inversions(self, folder_path: str) -> None:
-        """Read every embedding in ``folder_path``; usable in prompts by file stem."""
+        """Read every embedding in ``folder_path``; usable in prompts by file stem.
+
+        With an SDXL model loaded (or, before any model, when the folder holds SDXL
+        embeddings) the folder must hold SDXL embeddings: their ``clip_l`` vectors go to
+        ``text_encoder`` and their ``clip_g`` vectors to ``text_encoder_2``.
+        """
         text_encoder = self.model.get("text_encoder")
-        width = text_encoder.config.hidden_size if text_encoder is not None else None
-        self.textual_inversion_dict = load_textual_inversions(folder_path, expected_dim=width)
-        self.textual_inversion_ids = {}
-        if "text_encoder" in self.model:
-            self._apply_textual_inversions(self.model["text_encoder"])
+        text_encoder_2 = self.model.get("text_encoder_2")
+        if isinstance(text_encoder, SDXLTextEncoder) or (text_encoder is None and folder_holds_sdxl_embeddings(folder_path)):
+            dims = tuple(m.config.hidden_size if m is not None else None for m in (text_encoder, text_encoder_2))
+            pairs = load_textual_inversions_sdxl(folder_path, expected_dims=dims)
+            self.textual_inversion_dict = {kw: clip_l for kw, (clip_l, _) in pairs.items()}
+            self.textual_inversion_dict_2 = {kw: clip_g for kw, (_, clip_g) in pairs.items()}
+        else:
+            width = text_encoder.config.hidden_size if text_encoder is not None else None
+            self.textual_inversion_dict = load_textual_inversions(folder_path, expected_dim=width)
+            self.textual_inversion_dict_2 = {}
+        self.textual_inversion_folder = folder_path
+        self.textual_inversion_ids, self.textual_inversion_ids_2 = {}, {}
+        if text_encoder is not None:
+            self._apply_textual_inversions(text_encoder)
+        if text_encoder_2 is not None:
+            self._apply_textual_inversions_2(text_encoder_2)
 
     def _apply_textual_inversions(self, text_encoder: SDTextEncoder) -> None:
+        sdxl_vectors, sdxl_model = bool(self.textual_inversion_dict_2), isinstance(text_encoder, SDXLTextEncoder)
+        if sdxl_vectors != sdxl_model:
+            raise ValueError(
+                f"the textual inversions in {self.textual_inversion_folder} are {'SDXL' if sdxl_vectors else 'SD 1.x'} embeddings, "
+                f"but the loaded text encoder is {'SDXL' if sdxl_model else 'SD 1.x'}'s; use an embeddings folder made for this model family"
+            )
         self.textual_inversion_ids = {kw: text_encoder.add_token_embeddings(vec) for kw, vec in self.textual_inversion_dict.items()}
+
+    def _apply_textual_inversions_2(self, text_encoder_2: SDXLTextEncoder2) -> None:
+        self.textual_inversion_ids_2 = {kw: text_encoder_2.add_token_embeddings(vec) for kw, vec in self.textual_inversion_dict_2.items()}
 
     # ------------------------------------------------------------------ per kind
     def _put(self, name: str, model: nn.Module, path: str) -> None:
@@ -177,21 +213,36 @@ class ModelManager:
         self.model_path[name] = path
         if name == "text_encoder" and self.textual_inversion_dict:
             self._apply_textual_inversions(model)
+        if name == "text_encoder_2" and self.textual_inversion_dict_2:
+            self._apply_textual_inversions_2(model)
 
     def _build_unet(self, sd: dict, path: str) -> SDUNet:
         config = infer_config(infer_unet_config, sd, source=path, what="SD 1.x UNet")
         return instantiate(lambda: SDUNet(config), sd, source=path, what="SD 1.x UNet", device=self.device, dtype=self.torch_dtype)
 
-    def _build_vae(self, sd: dict, path: str, components: set[str] | None, config=None) -> None:
-        """VAE encoder/decoder from an LDM-layout dict; ``config`` (e.g. from a diffusers config.json) carries the scaling factor."""
+    def _sdxl_loaded(self) -> bool:
+        unet = self.model.get("unet")
+        return unet is not None and is_sdxl_unet_config(unet.config)
+
+    def _build_vae(self, sd: dict, path: str, components: set[str] | None, config=None, sdxl: bool | None = None) -> None:
+        """VAE encoder/decoder from an LDM-layout dict; ``config`` (e.g. from a diffusers config.json) carries the scaling factor.
+
+        An SDXL VAE (``sdxl``, by default: an SDXL UNet is loaded) gets SDXL's scaling factor
+        when ``config`` is not given and is kept in float32 whatever the manager's dtype: in
+        fp16 it overflows to NaN (as DiffSynth-Studio, which forced float32 too).
+        """
+        sdxl = self._sdxl_loaded() if sdxl is None else sdxl
         if config is None:
-            config = infer_config(infer_vae_config, sd, source=path, what="VAE")
+            scaling = SDXL_VAE_SCALING_FACTOR if sdxl else 0.18215
+            config = infer_config(lambda s: infer_vae_config(s, scaling_factor=scaling), sd, source=path, what="VAE")
+        dtype = torch.float32 if sdxl else self.torch_dtype
+        encoder_cls, decoder_cls = (SDXLVAEEncoder, SDXLVAEDecoder) if sdxl else (SDVAEEncoder, SDVAEDecoder)
         if (components is None or "vae_encoder" in components) and "encoder.conv_in.weight" in sd:
             enc = {k: v for k, v in sd.items() if k.startswith(("encoder.", "quant_conv."))}
-            self._put("vae_encoder", instantiate(lambda: SDVAEEncoder(config), enc, source=path, what="VAE encoder", device=self.device, dtype=self.torch_dtype), path)
+            self._put("vae_encoder", instantiate(lambda: encoder_cls(config), enc, source=path, what="VAE encoder", device=self.device, dtype=dtype), path)
         if (components is None or "vae_decoder" in components) and "decoder.conv_in.weight" in sd:
             dec = {k: v for k, v in sd.items() if k.startswith(("decoder.", "post_quant_conv."))}
-            self._put("vae_decoder", instantiate(lambda: SDVAEDecoder(config), dec, source=path, what="VAE decoder", device=self.device, dtype=self.torch_dtype), path)
+            self._put("vae_decoder", instantiate(lambda: decoder_cls(config), dec, source=path, what="VAE decoder", device=self.device, dtype=dtype), path)
 
     def _build_text_encoder(self, sd: dict, path: str) -> SDTextEncoder:
         config = infer_config(infer_clip_text_config, sd, source=path, what="CLIP text encoder")
@@ -213,22 +264,56 @@ class ModelManager:
             else:
                 logger.warning("%s holds no text encoder", path)
 
+    def _load_sdxl_checkpoint(self, path: str, components: set[str] | None) -> None:
+        """SDXL base or Turbo single file: UNet, VAE (float32), CLIP-L and OpenCLIP bigG text encoders."""
+        parts = convert.split_ldm_checkpoint(load_state_dict(path, self.torch_dtype), source=path)
+        wanted = set(SDXL_COMPONENTS) if components is None else components
+        if "unet" in wanted:
+            sd = parts["unet"]
+            config = infer_config(lambda s: infer_unet_config(s, num_heads=None, num_head_channels=64), sd, source=path, what="SDXL UNet")
+            self._put("unet", instantiate(lambda: SDXLUNet(config), sd, source=path, what="SDXL UNet", device=self.device, dtype=self.torch_dtype), path)
+        if wanted & {"vae_encoder", "vae_decoder"}:
+            if parts.get("vae"):
+                self._build_vae(parts["vae"], path, wanted, sdxl=True)
+            else:
+                logger.warning("%s holds no VAE; add an SDXL VAE file to the model list", path)
+        if "text_encoder" in wanted:
+            if parts.get("text_encoder"):
+                self._put("text_encoder", self._build_sdxl_text_encoder(parts["text_encoder"], path), path)
+            else:
+                logger.warning("%s holds no CLIP-L text encoder (conditioner.embedders.0)", path)
+        if "text_encoder_2" in wanted:
+            if parts.get("text_encoder_2"):
+                sd = convert_open_clip_text_to_hf(parts["text_encoder_2"], source=path)
+                self._put("text_encoder_2", self._build_text_encoder_2(sd, path), path)
+            else:
+                logger.warning("%s holds no OpenCLIP bigG text encoder (conditioner.embedders.1)", path)
+
+    def _build_sdxl_text_encoder(self, sd: dict, path: str) -> SDXLTextEncoder:
+        config = infer_config(infer_clip_text_config, sd, source=path, what="SDXL CLIP-L text encoder")
+        return instantiate(lambda: SDXLTextEncoder(config), sd, source=path, what="SDXL CLIP-L text encoder", device=self.device, dtype=self.torch_dtype)
+
+    def _build_text_encoder_2(self, sd: dict, path: str) -> SDXLTextEncoder2:
+        config = infer_config(infer_text_encoder_2_config, sd, source=path, what="SDXL OpenCLIP bigG text encoder")
+        return instantiate(lambda: SDXLTextEncoder2(config), sd, source=path, what="SDXL OpenCLIP bigG text encoder", device=self.device, dtype=self.torch_dtype)
+
     def _load_vae_ldm(self, path: str, components: set[str] | None) -> None:
         sd = load_state_dict(path, self.torch_dtype)
         sd = {k.removeprefix("first_stage_model."): v for k, v in sd.items() if not k.startswith(("loss.", "model_ema."))}
         self._build_vae(convert.fit_ldm_vae_attention(sd, source=path), path, components)
 
-    def _load_vae_diffusers_file(self, path: str, components: set[str] | None, config_json: dict | None = None) -> None:
+    def _load_vae_diffusers_file(self, path: str, components: set[str] | None, config_json: dict | None = None, sdxl: bool | None = None) -> None:
         sd = load_state_dict(path, self.torch_dtype)
         config = convert.vae_config_from_diffusers(config_json, source=path) if config_json else None
-        self._build_vae(convert.convert_vae_from_diffusers(sd, config, source=path), path, components, config)
+        self._build_vae(convert.convert_vae_from_diffusers(sd, config, source=path), path, components, config, sdxl=sdxl)
 
     def _load_unet_diffusers_file(self, path: str, components: set[str] | None, config_json: dict | None = None) -> None:
         if config_json is None:
             config_json = _read_json(os.path.join(os.path.dirname(path), "config.json"), path)
         config = convert.unet_config_from_diffusers(config_json, source=path)
         sd = convert.convert_unet_from_diffusers(load_state_dict(path, self.torch_dtype), config, source=path)
-        self._put("unet", instantiate(lambda: SDUNet(config), sd, source=path, what="SD 1.x UNet", device=self.device, dtype=self.torch_dtype), path)
+        cls, what = (SDXLUNet, "SDXL UNet") if is_sdxl_unet_config(config) else (SDUNet, "SD 1.x UNet")
+        self._put("unet", instantiate(lambda: cls(config), sd, source=path, what=what, device=self.device, dtype=self.torch_dtype), path)
 
     def _add_controlnet(self, sd: dict, config, path: str) -> None:
         model = instantiate(lambda: SDControlNet(config), sd, source=path, what="ControlNet", device=self.device, dtype=self.torch_dtype)
@@ -262,14 +347,42 @@ class ModelManager:
 
         self._put("RIFE", build_rife_model(load_state_dict(path), source=path, device=self.device), path)
 
-    def _load_clip_text_file(self, path: str, components: set[str] | None) -> None:
-        sd = convert.convert_clip_text_from_hf(load_state_dict(path, self.torch_dtype))
-        self._put("text_encoder", self._build_text_encoder(sd, path), path)
+    def _load_prompt_model(self, path: str, components: set[str] | None, expected: str | None = None) -> None:
+        """A translator or BeautifulPrompt Hugging Face folder, or a weight file inside one (the folder loads).
+
+        ``expected``: the component a weight file's keys showed; its folder's config.json must agree.
+        """
+        from ..prompts.prompt_models import load_prompt_model  # prompts wraps transformers; imported on use
+
+        name, model = load_prompt_model(path, device=self.device, torch_dtype=self.torch_dtype, expected=expected)
+        self._put(name, model, path)
+
+    def _load_clip_text_file(self, path: str, components: set[str] | None, sdxl: bool | None = None) -> None:
+        """A CLIP text encoder file; ``sdxl`` (default: an SDXL UNet is loaded) reads it as SDXL's
+        first encoder (penultimate layer, no final LayerNorm)."""
+        sdxl = self._sdxl_loaded() if sdxl is None else sdxl
+        raw = load_state_dict(path, self.torch_dtype)
+        if "text_projection.weight" in raw and not any(k.startswith("vision_model.") for k in raw):
+            # a CLIPTextModelWithProjection on its own: SDXL's second text encoder
+            self._put("text_encoder_2", self._build_text_encoder_2(convert_text_encoder_2_from_hf(raw, source=path), path), path)
+            return
+        sd = convert.convert_clip_text_from_hf(raw)
+        self._put("text_encoder", self._build_sdxl_text_encoder(sd, path) if sdxl else self._build_text_encoder(sd, path), path)
+
+    def _load_text_encoder_2_file(self, path: str, components: set[str] | None) -> None:
+        sd = convert_text_encoder_2_from_hf(load_state_dict(path, self.torch_dtype), source=path)
+        self._put("text_encoder_2", self._build_text_encoder_2(sd, path), path)
 
     def _load_diffusers_folder(self, path: str, components: set[str] | None) -> None:
         """A diffusers pipeline folder (``unet/``, ``vae/``, ``text_encoder/``) or one component folder."""
-        subfolders = {"unet": "unet", "vae": "vae", "text_encoder": "text_encoder"}
+        from ..prompts.prompt_models import prompt_model_component
+
+        if prompt_model_component(path) is not None:  # models/translator/<folder>, models/BeautifulPrompt/<folder>
+            self._load_prompt_model(path, components)
+            return
+        subfolders = {"unet": "unet", "vae": "vae", "text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2"}
         present = {name: os.path.join(path, sub) for name, sub in subfolders.items() if os.path.isdir(os.path.join(path, sub))}
+        sdxl = "text_encoder_2" in present  # an SDXL pipeline folder (StableDiffusionXLPipeline)
         if not present:
             if os.path.isfile(os.path.join(path, "config.json")):
                 config_json = _read_json(os.path.join(path, "config.json"), path)
@@ -280,7 +393,7 @@ class ModelManager:
                 present = {_component_of_config(config_json, path): path}
             else:
                 raise ModelFileError(
-                    path, "is a folder but not a diffusers model folder (no unet/, vae/ or text_encoder/ sub-folder, no config.json).", "Point to the checkpoint file or the diffusers folder itself."
+                    path, "is a folder but not a diffusers model folder (no unet/, vae/ or text_encoder/ sub-folder, no config.json).", "Point to the checkpoint file or the diffusers folder itself; a translator or BeautifulPrompt folder needs its config.json."
                 )
         for name, folder in present.items():
             weights = _find_weights(folder)
@@ -288,9 +401,11 @@ class ModelManager:
             if name == "unet" and (components is None or "unet" in components):
                 self._load_unet_diffusers_file(weights, components, config_json)
             elif name == "vae" and (components is None or components & {"vae_encoder", "vae_decoder"}):
-                self._load_vae_diffusers_file(weights, components, config_json)
+                self._load_vae_diffusers_file(weights, components, config_json, sdxl=sdxl or None)
             elif name == "text_encoder" and (components is None or "text_encoder" in components):
-                self._load_clip_text_file(weights, components)
+                self._load_clip_text_file(weights, components, sdxl=sdxl or None)
+            elif name == "text_encoder_2" and (components is None or "text_encoder_2" in components):
+                self._load_text_encoder_2_file(weights, components)
 
     # ------------------------------------------------------------------ misc API
     def get_model_with_model_path(self, model_path: str) -> Any:
@@ -336,7 +451,15 @@ def _find_weights(folder: str) -> str:
 
 def _component_of_config(config_json: dict, source: str) -> str:
     cls = config_json.get("_class_name") or (config_json.get("architectures") or [None])[0]
-    table = {"UNet2DConditionModel": "unet", "AutoencoderKL": "vae", "CLIPTextModel": "text_encoder", "ControlNetModel": "controlnet"}
+    table = {
+        "UNet2DConditionModel": "unet",
+        "AutoencoderKL": "vae",
+        "CLIPTextModel": "text_encoder",
+        "CLIPTextModelWithProjection": "text_encoder_2",
+        "ControlNetModel": "controlnet",
+        "MarianMTModel": "translator",  # loaded by the early branch of _load_diffusers_folder
+        "BloomForCausalLM": "beautiful_prompt",
+    }
     if cls not in table:
         raise ModelFileError(source, f"is a diffusers/transformers folder of class {cls!r}.", f"Supported component classes: {', '.join(table)}.")
     return table[cls]

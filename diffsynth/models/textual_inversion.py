@@ -34,8 +34,10 @@ __all__ = [
     "EMBEDDING_EXTENSIONS",
     "apply_textual_inversions",
     "load_textual_inversion",
+    "folder_holds_sdxl_embeddings",
     "load_textual_inversion_sdxl",
     "load_textual_inversions",
+    "load_textual_inversions_sdxl",
 ]
 
 logger = logging.getLogger("diffsynth")
@@ -87,9 +89,12 @@ def load_textual_inversion(path: str | os.PathLike, expected_dim: int | None = N
     return _keyword(path), vectors
 
 
-def load_textual_inversion_sdxl(path: str | os.PathLike) -> tuple[str, torch.Tensor, torch.Tensor]:
+def load_textual_inversion_sdxl(
+    path: str | os.PathLike, expected_dims: tuple[int | None, int | None] = (SDXL_CLIP_L_DIM, SDXL_CLIP_G_DIM)
+) -> tuple[str, torch.Tensor, torch.Tensor]:
     """Read an SDXL embedding; return ``(keyword, clip_l (n, 768), clip_g (n, 1280))``, float32.
 
+    ``expected_dims`` are the widths of the two text encoders (``None``: not checked).
     Raises :class:`ModelFileError` for files without both halves, or with halves of
     unexpected width or different vector counts.
     """
@@ -102,8 +107,10 @@ def load_textual_inversion_sdxl(path: str | os.PathLike) -> tuple[str, torch.Ten
             "Use it with the model family it was trained for, through load_textual_inversion().",
         )
     clip_l, clip_g = parts["clip_l"], parts["clip_g"]
-    _check_width(path, clip_l, SDXL_CLIP_L_DIM, what="clip_l")
-    _check_width(path, clip_g, SDXL_CLIP_G_DIM, what="clip_g")
+    if expected_dims[0] is not None:
+        _check_width(path, clip_l, expected_dims[0], what="clip_l")
+    if expected_dims[1] is not None:
+        _check_width(path, clip_g, expected_dims[1], what="clip_g")
     if clip_l.shape[0] != clip_g.shape[0]:
         raise ModelFileError(
             path, f"clip_l has {clip_l.shape[0]} vectors but clip_g has {clip_g.shape[0]}; they must match.", _CORRUPT_REMEDY
@@ -210,6 +217,39 @@ def load_textual_inversions(folder: str | os.PathLike, expected_dim: int = 768) 
         sources[keyword.lower()] = path
         embeddings[keyword] = vectors
     return embeddings
+
+
+def load_textual_inversions_sdxl(
+    folder: str | os.PathLike, expected_dims: tuple[int | None, int | None] = (SDXL_CLIP_L_DIM, SDXL_CLIP_G_DIM)
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Read every SDXL embedding in ``folder``; return ``{keyword: (clip_l, clip_g)}`` in sorted file order.
+
+    The folder rules of :func:`load_textual_inversions` apply (skipped notes and other file
+    types, keyword clashes). A single-encoder (SD 1.x/2.x) embedding is an error naming
+    the file: its vectors fit neither SDXL text encoder.
+    """
+    folder = _check_folder(folder)
+    embeddings: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    sources: dict[str, str] = {}
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if not _is_embedding_candidate(path, name):
+            continue
+        keyword, clip_l, clip_g = load_textual_inversion_sdxl(path, expected_dims)
+        _check_keyword(path, keyword, sources)
+        sources[keyword.lower()] = path
+        embeddings[keyword] = (clip_l, clip_g)
+    return embeddings
+
+
+def folder_holds_sdxl_embeddings(folder: str | os.PathLike) -> bool:
+    """Whether any embedding file in ``folder`` is an SDXL one (``clip_l``/``clip_g``); files that cannot be read raise."""
+    folder = _check_folder(folder)
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if _is_embedding_candidate(path, name) and "vectors" not in _read_parts(path):
+            return True
+    return False
 
 
 def _check_folder(folder: str | os.PathLike) -> str:

@@ -87,12 +87,19 @@ class SDImagePipeline:
                 f"the model manager lacks {', '.join(missing)} (loaded: {', '.join(sorted(model_manager.model)) or 'nothing'}): "
                 "load a Stable Diffusion 1.x checkpoint (and a VAE file if the checkpoint has none) before building the pipeline"
             )
+        if model_manager.unet.config.adm_in_channels is not None:
+            raise ValueError(
+                f"the UNet loaded from {model_manager.model_path.get('unet')} is an SDXL UNet: build SDXLImagePipeline.from_model_manager(mm) "
+                "for SDXL and SDXL Turbo; SDImagePipeline is for Stable Diffusion 1.x"
+            )
         self.text_encoder = model_manager.text_encoder
         self.unet = model_manager.unet
         self.vae_decoder = model_manager.vae_decoder
         self.vae_encoder = model_manager.model.get("vae_encoder")
 
     def fetch_prompter(self, model_manager: ModelManager) -> None:
+        """Textual inversions, and the translator / BeautifulPrompt models when the manager holds them."""
+        self.prompter.fetch_prompt_models(model_manager)
         for keyword, vectors in model_manager.textual_inversion_dict.items():
             ids = self.prompter.add_textual_inversion(keyword, vectors.shape[0])
             expected = model_manager.textual_inversion_ids.get(keyword)

@@ -1,8 +1,13 @@
 """Prompt processing (textual inversion keywords, refiners) and SD 1.x prompt encoding.
 
-Follows DiffSynth-Studio's `Prompter`/`SDPrompter` (upstream_spec §5.2) with one deliberate
-change: a textual-inversion keyword is replaced only where it stands as a whole word. The
-original replaced substrings, so a keyword "cat" also rewrote "catdog" and "concatenate".
+Follows DiffSynth-Studio's `Prompter`/`SDPrompter` (upstream_spec §5.2) with deliberate changes:
+- a textual-inversion keyword is replaced only where it stands as a whole word. The original
+  replaced substrings, so a keyword "cat" also rewrote "catdog" and "concatenate";
+- translation and refining see the prompt as the user wrote it, keywords included, and the
+  keywords are replaced by their token names last. The original replaced them first, so the
+  translator mangled "cat_0 cat_1" and BeautifulPrompt continued from token names;
+- keywords are kept out of translation (the text between them is translated piece by piece);
+- the prompt after translation and refining goes to the "diffsynth" logger, not to print.
 """
 
 from __future__ import annotations
@@ -24,8 +29,11 @@ PromptRefiner = Callable[[str], str]
 # A keyword is a whole word when it is not glued to a word character, nor to a "." or "-"
 # that itself continues a word: "v1.3" and "photo-realistic" are single words, but a
 # sentence-final "cat." or a parenthesised "(cat:1.2)" still contain the word "cat".
-_WORD_START = r"(?<!\w)(?<!\w[.\-])"
-_WORD_END = r"(?!\w)(?![.\-]\w)"
+# CJK and Hangul characters do not continue a word: those scripts write no spaces, so in
+# "一个mystyle风格的女孩" the keyword "mystyle" stands on its own.
+_WORD_CHAR = r"[^\W\u2e80-\u9fff\uac00-\ud7af\uf900-\ufaff]"
+_WORD_START = rf"(?<!{_WORD_CHAR})(?<!{_WORD_CHAR}[.\-])"
+_WORD_END = rf"(?!{_WORD_CHAR})(?![.\-]{_WORD_CHAR})"
 
 
 def keyword_pattern(keywords: Iterable[str]) -> re.Pattern | None:
@@ -56,15 +64,24 @@ def textual_inversion_tokens(keyword: str, num_vectors: int) -> list[str]:
 class Prompter:
     """Turns a user prompt into the prompt the tokenizer sees. Shared by the SD and SDXL prompters.
 
-    `prompt_refiners` are callables str -> str (translator, prompt extender...) applied in order
-    to positive prompts only; the list is empty by default.
+    Positive prompts go through `translator` (a `Translator`, or any str -> str), then
+    `beautiful_prompt` (a `BeautifulPrompt`, or any str -> str), then the extra `prompt_refiners`
+    in order; all are optional. Negative prompts skip them. Textual-inversion keywords are
+    replaced by their tokens last, in both polarities.
     """
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.textual_inversions: dict[str, list[str]] = {}
+        self.translator: PromptRefiner | None = None
+        self.beautiful_prompt: PromptRefiner | None = None
         self.prompt_refiners: list[PromptRefiner] = []
         self._keyword_regex: re.Pattern | None = None
+
+    def fetch_prompt_models(self, model_manager) -> None:
+        """Use the manager's `translator` and `beautiful_prompt` models, where it holds them (None otherwise)."""
+        self.translator = model_manager.model.get("translator")
+        self.beautiful_prompt = model_manager.model.get("beautiful_prompt")
 
     def add_textual_inversion(self, keyword: str, num_vectors: int) -> list[int]:
         """Register a textual-inversion keyword and return the ids of its new tokens, in order.
@@ -108,25 +125,65 @@ class Prompter:
             )
 
     def add_prompt_refiner(self, refiner: PromptRefiner) -> None:
-        """Append a str -> str callable applied to positive prompts after keyword replacement."""
+        """Append a str -> str callable, applied to positive prompts after translation and BeautifulPrompt."""
         if not callable(refiner):
             raise TypeError(f"a prompt refiner must be callable (str -> str), got {refiner!r}")
         self.prompt_refiners.append(refiner)
 
     def process_prompt(self, prompt: str, positive: bool = True) -> str:
-        """Replace textual-inversion keywords (both polarities), then run refiners (positive only)."""
+        """Refine a positive prompt (`refine_prompt`), then replace textual-inversion keywords (both polarities)."""
         if not isinstance(prompt, str):
             raise TypeError(f"prompt must be a str, got {type(prompt).__name__}: {prompt!r}")
+        refined = self.refine_prompt(prompt) if positive else prompt
         replacements = {kw: " " + " ".join(tokens) + " " for kw, tokens in self.textual_inversions.items()}
-        processed = replace_keywords(prompt, self._keyword_regex, replacements)
-        if positive and self.prompt_refiners:
-            for refiner in self.prompt_refiners:
-                processed = refiner(processed)
-                if not isinstance(processed, str):
-                    raise TypeError(f"prompt refiner {refiner!r} returned {type(processed).__name__}, expected str")
-            logger.info("Prompt after refiners: %s", processed)
+        processed = replace_keywords(refined, self._keyword_regex, replacements)
         logger.debug("Final %s prompt: %s", "positive" if positive else "negative", processed)
         return processed
+
+    def refine_prompt(self, prompt: str) -> str:
+        """translate -> BeautifulPrompt -> extra refiners. A blank prompt is returned untouched.
+
+        The result is logged (logger "diffsynth", INFO) whenever a step ran. Textual-inversion
+        keywords are not translated.
+        """
+        steps = [("translated", self._translate)] if self.translator is not None else []
+        if self.beautiful_prompt is not None:
+            steps.append(("refined by BeautifulPrompt", self.beautiful_prompt))
+        steps += [(f"refined by {getattr(refiner, '__name__', type(refiner).__name__)}", refiner) for refiner in self.prompt_refiners]
+        if not prompt.strip() or not steps:
+            return prompt
+        refined = prompt
+        for label, step in steps:
+            refined = step(refined)
+            if not isinstance(refined, str):
+                raise TypeError(f"prompt refiner {step!r} returned {type(refined).__name__}, expected str")
+            logger.debug("Prompt %s: %s", label, refined)
+        logger.info("Prompt after translation/refining: %s", refined)
+        return refined
+
+    def _translate(self, prompt: str) -> str:
+        """Translate the text around textual-inversion keywords; the keywords stay as they are.
+
+        Pieces without a letter or digit (commas, spaces) are kept, not translated. The translated
+        pieces and keywords are joined with single spaces.
+        """
+        if self._keyword_regex is None:
+            return self.translator(prompt)
+        pieces, start = [], 0
+        for match in self._keyword_regex.finditer(prompt):
+            pieces += [self._translate_piece(prompt[start:match.start()]), match.group(0)]
+            start = match.end()
+        pieces.append(self._translate_piece(prompt[start:]))
+        return " ".join(piece for piece in pieces if piece)
+
+    def _translate_piece(self, text: str) -> str:
+        text = text.strip()
+        if not re.search(r"[^\W_]", text):
+            return text
+        translated = self.translator(text)
+        if not isinstance(translated, str):
+            raise TypeError(f"translator {self.translator!r} returned {type(translated).__name__}, expected str")
+        return translated.strip()
 
 
 def _check_clip_skip(clip_skip) -> int:
