@@ -1,4 +1,4 @@
-"""Command line: ``diffsynth info | txt2img | run | status | clean | demo``."""
+"""Command line: ``diffsynth info | txt2img | run | status | clean | download | demo``."""
 from __future__ import annotations
 
 import argparse
@@ -55,7 +55,12 @@ def cmd_txt2img(args: argparse.Namespace) -> int:
     mm.load_models(args.model, lora_alphas=args.lora_alpha)
     if args.textual_inversion_folder:
         mm.load_textual_inversions(args.textual_inversion_folder)
-    pipe = SDImagePipeline.from_model_manager(mm)
+    if mm.has("text_encoder_2"):  # an SDXL base/Turbo checkpoint
+        from .pipelines.sdxl_image import SDXLImagePipeline
+
+        pipe = SDXLImagePipeline.from_model_manager(mm)
+    else:
+        pipe = SDImagePipeline.from_model_manager(mm)
     torch.manual_seed(args.seed)
     image = pipe(
         prompt=args.prompt,
@@ -156,12 +161,14 @@ def _human(n: int) -> str:
     return f"{n:.1f} TiB"
 
 
-def stage_table(out: str, config: dict | None = None) -> dict:
+def stage_table(out: str, config: dict | None = None, check_keys: bool = True) -> dict:
     """What ``diffsynth status`` shows: per stage its status, frames done, bytes on disk and whether its key is valid.
 
     ``config`` defaults to ``out/config.json``, the config of the last run; the keys are
     recomputed from it (inputs are opened, no model is loaded) and compared with those the
     manifest recorded: ``stale`` means a rerun of that config recomputes the stage.
+    ``check_keys=False`` skips that (the key column shows ``-``): opening a long input video
+    counts its frames by decoding, too slow for a page that refreshes every few seconds.
     """
     import json
 
@@ -175,7 +182,11 @@ def stage_table(out: str, config: dict | None = None) -> dict:
         with open(os.path.join(out, "config.json"), encoding="utf-8") as f:
             config = json.load(f)
     keys, key_problem, n = None, None, manifest.data["stages"].get("0", {}).get("frames")
-    if config is not None:
+    if config is not None and not check_keys and n is None:
+        spec = config.get("data", {}).get("input_frames") or {}
+        if isinstance(spec.get("end_frame_id"), int):
+            n = spec["end_frame_id"] - (spec.get("start_frame_id") or 0)
+    if config is not None and check_keys:
         try:
             plan = SDVideoPipelineRunner(progress_bar_cmd=None).prepare(config)
             keys, n = SDVideoPipelineRunner.stage_keys(plan), plan["num_frames"]
@@ -337,6 +348,52 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_download(args: argparse.Namespace) -> int:
+    """Download catalogue files, all files of an example, or a URL; resumable, verified (diffsynth/download.py)."""
+    from tqdm import tqdm
+
+    from .download import DownloadError, download, files_for, format_catalogue
+
+    if args.list:
+        print(format_catalogue())
+        return 0
+    if not args.items:
+        raise ValueError("name a model file, an example or a URL (`diffsynth download --list` shows the names)")
+    if args.sha256 and len(args.items) != 1:
+        raise ValueError("--sha256 checks one file; give one NAME or URL with it")
+    jobs = []  # (url, destination path, catalogue sha256, catalogue size, manual note)
+    for item in args.items:
+        if item.startswith(("http://", "https://")):
+            if args.to is None:
+                raise ValueError(f"give --to FOLDER for a URL download ({item})")
+            name = args.name or os.path.basename(item.split("?")[0].rstrip("/"))
+            if not name:
+                raise ValueError(f"cannot tell a file name from {item}; give --name FILE")
+            jobs.append((item, os.path.join(args.to, name), None, None, None))
+        else:
+            try:
+                entries = files_for([item])
+            except KeyError as exc:
+                raise ValueError(exc.args[0]) from None
+            jobs += [(e.url, e.path(args.to or "models"), e.sha256, e.size, e.manual) for e in entries]
+    failed = 0
+    for url, dest, sha256, size, manual in jobs:
+        if manual and not os.path.exists(dest):
+            print(f"error: {os.path.basename(dest)}: {manual}.\n  link: {url}\n  path: {dest}", file=sys.stderr)
+            failed += 1
+            continue
+        try:
+            result = download(url, dest, sha256=args.sha256 or sha256, size=size, overwrite=args.overwrite,
+                              retries=args.retries, progress_bar_cmd=tqdm, offline=bool(manual))
+        except DownloadError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        print(f"{result.status}: {result.path} ({result.size:,} bytes; verified: {result.verified})"
+              + (f"\n  sha256 {result.sha256}" if result.sha256 else ""))
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffsynth", description="DiffSynth Studio, disk-cache edition")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -379,6 +436,16 @@ def build_parser() -> argparse.ArgumentParser:
     from .extensions.FastBlend.cli import add_fastblend_arguments
 
     add_fastblend_arguments(sub.add_parser("fastblend", help="deflicker a folder of stylized frames against the guide video (FastBlend)"))
+
+    p = sub.add_parser("download", help="download model files the examples need (or any URL): resumable, size/sha256-verified")
+    p.add_argument("items", nargs="*", metavar="NAME|EXAMPLE|URL", help="a catalogue file name (see --list), an example name (all its files) or a URL")
+    p.add_argument("--to", default=None, metavar="DIR", help="for names: the models folder (default: models; files go to DIR/<folder>/); for a URL: the folder to put the file in (required)")
+    p.add_argument("--sha256", default=None, metavar="HEX", help="expected SHA-256 of the file; on a mismatch nothing is kept")
+    p.add_argument("--name", default=None, help="file name for a URL download (default: the last part of the URL path)")
+    p.add_argument("--overwrite", action="store_true", help="download again even if the file is present (it is replaced only once the new one is verified)")
+    p.add_argument("--retries", type=int, default=3, help="resume a broken transfer this many times before giving up (default 3)")
+    p.add_argument("--list", action="store_true", help="list the known model files and examples")
+    p.set_defaults(func=cmd_download)
 
     p = sub.add_parser("demo", help="self-check: the full video runner on tiny random models and a generated clip (no downloads)")
     p.add_argument("--out", default="demo_output/demo.png", help="where to save the first output frame (PNG)")

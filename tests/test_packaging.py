@@ -94,8 +94,9 @@ DISTRIBUTION_OF = {
     "ldm": "stable-diffusion-sdkit",
     "imageio_ffmpeg": "imageio-ffmpeg",
 }
-# Imported only inside a function that explains how to install it when it is missing.
-OPTIONAL_AT_RUNTIME = {"cupy", "yaml"}
+# Imported only inside a function that explains how to install it when it is missing;
+# tokenizers always comes with transformers (the test kit trains tiny tokenizers with it).
+OPTIONAL_AT_RUNTIME = {"cupy", "yaml", "tokenizers"}
 
 
 def _third_party_imports(folder):
