@@ -1,8 +1,8 @@
 """Prompt encoding for Stable Diffusion XL: two tokenizers, two text encoders.
 
 DiffSynth-Studio's `SDXLPrompter` (upstream_spec §5.2): the prompt goes through the shared
-`Prompter.process_prompt` (textual-inversion keywords, then translation/refining for positive
-prompts) once, and the result is tokenized for both encoders as 77-token chunks (tokenizer 2
+`Prompter.process_prompt` (translation and refining for positive prompts, then the
+textual-inversion keywords become their tokens) once, and the result is tokenized for both encoders as 77-token chunks (tokenizer 2
 pads with "!"). The conditioning is CLIP-L's penultimate layer (768) next to bigG's
 (1280), 2048 wide per token; the pooled vector is bigG's projected end-of-text embedding of
 the *first* chunk only.
