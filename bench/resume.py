@@ -9,8 +9,11 @@
    run loads the models again: that is part of the price). All runs are forked from one
    pre-imported server, one at a time, with one torch thread.
 2. Cache bytes. The runner at 1280x768 (tiny models, 6 frames, 1 step, in this process):
-   the peak bytes of each folder of the output, sampled at every progress event, in MiB per
-   frame. Transient folders (a step's latents, the denoising journal) count at their peak.
+   the peak bytes of each folder of the output, sampled at every progress event and after
+   every per-frame file commit, in MiB per frame. Transient folders (a step's latents, the
+   denoising journal) count at their peak. Also the simultaneous peak: the largest total of
+   the whole folder at any of those samples (what the disk must hold), which is below the
+   sum of the per-folder peaks because intermediates are deleted once used.
 
 Usage: OMP_NUM_THREADS=1 python bench/resume.py [--frames 12] [--skip-resume] [--skip-disk] [--disk-frames 6]
 """
@@ -21,6 +24,7 @@ import copy
 import json
 import os
 import tempfile
+import threading
 import time
 
 WINDOW_CALLS = 2  # positive + negative UNet call per window (cfg_scale != 1)
@@ -66,8 +70,8 @@ def resume_cost(frames: int) -> None:
         ("4 step 2, mid-window", ("--kill-after-unet", str(per_step + 3))),
         ("5 VAE decode, mid", ("--kill-at-event", "5:5")),
         ("6 smoother left pass, mid", ("--kill-at-event", "6:5")),
-        ("7 smoother right pass, mid", ("--kill-at-event", "7:5")),
-        ("8 smoother merge, mid", ("--kill-at-event", "8:5")),
+        ("7 smoother right pass + merge, mid", ("--kill-at-event", "7:5")),
+        ("8 smoother output (frames/), mid", ("--kill-at-event", "8:5")),
         ("9 video encode, mid", ("--kill-at-event", "9:5")),
     ]
 
@@ -95,6 +99,7 @@ def resume_cost(frames: int) -> None:
 def cache_bytes(frames: int, width: int = 1280, height: int = 768) -> None:
     import torch
 
+    from diffsynth.cache.stores import DiskStore
     from diffsynth.pipelines.runner import SDVideoPipelineRunner
     from diffsynth.utils.atomic import is_temp_name
 
@@ -110,6 +115,8 @@ def cache_bytes(frames: int, width: int = 1280, height: int = 768) -> None:
             spec["height"], spec["width"] = height, width
         out = config["data"]["output_folder"]
         peak: dict[str, int] = {}
+        simultaneous = [0]
+        lock = threading.Lock()  # commits are sampled on the write-behind threads too
 
         def sample(event) -> None:
             sizes: dict[str, int] = {}
@@ -125,11 +132,26 @@ def cache_bytes(frames: int, width: int = 1280, height: int = 768) -> None:
                         sizes[key] = sizes.get(key, 0) + os.path.getsize(os.path.join(root, name))
                     except FileNotFoundError:  # deleted by the runner meanwhile (a consumed step)
                         pass
-            for key, size in sizes.items():
-                peak[key] = max(peak.get(key, 0), size)
+            with lock:
+                for key, size in sizes.items():
+                    peak[key] = max(peak.get(key, 0), size)
+                simultaneous[0] = max(simultaneous[0], sum(sizes.values()))
+
+        # A measuring hook, not a change of behaviour: every per-frame commit (the moments the folder
+        # grows) is followed by a sample, so the simultaneous peak is not missed between two events.
+        commit = DiskStore._put
+
+        def commit_and_sample(self, slot, value):
+            commit(self, slot, value)
+            if os.path.commonpath([os.path.abspath(self.folder), os.path.abspath(out)]) == os.path.abspath(out):
+                sample(None)
 
         start = time.perf_counter()
-        SDVideoPipelineRunner(progress_bar_cmd=None, progress_callback=sample).run(config)
+        DiskStore._put = commit_and_sample
+        try:
+            SDVideoPipelineRunner(progress_bar_cmd=None, progress_callback=sample).run(config)
+        finally:
+            DiskStore._put = commit
         sample(None)
         seconds = time.perf_counter() - start
         mib = 2**20
@@ -139,6 +161,7 @@ def cache_bytes(frames: int, width: int = 1280, height: int = 768) -> None:
             print(f"{key:<28} {peak[key] / frames / mib:>10.3f}")
         total = sum(peak.values())
         print(f"{'sum of peaks':<28} {total / frames / mib:>10.3f}")
+        print(f"{'simultaneous peak':<28} {simultaneous[0] / frames / mib:>10.3f}")
 
 
 def main() -> None:

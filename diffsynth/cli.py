@@ -134,7 +134,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 # Where each stage's files live, relative to the output folder (runner.py and sd_video.py's layout).
 _STAGE_FOLDERS = {0: ["source_images"], 1: ["controlnet_caches"], 2: ["prompt"], 3: ["latents/step_000"],
-                  6: ["smoother/left"], 7: ["smoother/right"], 9: ["video.mp4"]}
+                  6: ["smoother/left"], 7: ["smoother/blended"], 9: ["video.mp4"]}
 _INTERMEDIATES = ("source_images", "controlnet_caches", "prompt", "latents", "smoothed", "smoother")
 _FINAL = ("frames", "video.mp4")
 _RUN_FILES = ("manifest.json", "last_process_id.txt")
@@ -199,9 +199,14 @@ def stage_table(out: str, config: dict | None = None, check_keys: bool = True) -
     final_smoothing = bool((config or {}).get("smoother_configs")) and (-1 in ids or steps in ids)
     latents = os.path.join(out, "latents")
     step_folders = sorted(f"latents/{d}" for d in (os.listdir(latents) if os.path.isdir(latents) else []) if d.startswith("step_") and d != "step_000")
-    smoother_other = [f"smoother/{d}" for d in (os.listdir(os.path.join(out, "smoother")) if os.path.isdir(os.path.join(out, "smoother")) else [])
-                      if d not in ("left", "right")]
+    # With FastBlend's fast mode smoother/blended is stage 7's (its right pass merges into it); otherwise stage 8's.
+    passes = SDVideoPipelineRunner.smoother_has_passes(config or {})
+    smoother = os.path.join(out, "smoother")
+    smoother_other = [f"smoother/{d}" for d in (sorted(os.listdir(smoother)) if os.path.isdir(smoother) else [])
+                      if d not in (("left", "blended") if passes else ("left",)) and os.path.isdir(os.path.join(smoother, d))]
     folders = dict(_STAGE_FOLDERS)
+    if not passes:
+        folders[7] = []
     folders[4] = step_folders + ["smoothed"]
     folders[5] = ["latents/decoded" if final_smoothing else "frames"]
     folders[8] = smoother_other + (["frames"] if final_smoothing else [])

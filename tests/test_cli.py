@@ -43,15 +43,6 @@ def test_txt2img_renders_sdxl_checkpoints_with_the_sdxl_pipeline(tmp_path, capsy
     assert Image.open(out).size == (64, 64)
 
 
-def test_sd_pipeline_refuses_an_sdxl_checkpoint(tmp_path):
-    from diffsynth import ModelManager, SDImagePipeline
-
-    mm = ModelManager(device="cpu")
-    mm.load_models([factory.write_sdxl_checkpoint(str(tmp_path / "sdxl.safetensors"))])
-    with pytest.raises(ValueError, match="SDXLImagePipeline"):
-        SDImagePipeline.from_model_manager(mm)
-
-
 def test_errors_are_messages_not_tracebacks(tmp_path, capsys):
     code = main(["txt2img", "--model", str(tmp_path / "missing.safetensors"), "--prompt", "x", "--out", str(tmp_path / "o.png"), "--device", "cpu"])
     assert code == 2

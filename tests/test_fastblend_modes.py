@@ -404,11 +404,13 @@ def test_single_keyframe_interpolation_renders_every_frame_from_the_keyframe():
 # ---------------------------------------------------------------------------------------------
 
 
-def fast_stores(root, n, size):
+def fast_stores(root, n, size, keep_right=True):
+    """``out``, ``left`` and (``keep_right``) ``right`` stores; without ``right`` the right pass merges as it goes."""
     width, height = size
     return dict(out=image_store(root and os.path.join(root, "blended"), n, size=size),
                 left=tensor_store(root and os.path.join(root, "left"), n, shape=(height, width, 3), dtype=torch.float16),
-                right=tensor_store(root and os.path.join(root, "right"), n, shape=(height, width, 3), dtype=torch.float16))
+                right=tensor_store(root and os.path.join(root, "right"), n, shape=(height, width, 3), dtype=torch.float16)
+                if keep_right else None)
 
 
 def frames_of(store):
@@ -431,22 +433,45 @@ def test_fast_mode_disk_stores_equal_memory_stores(tmp_path):
             assert torch.equal(memory[name][i], disk[name][i])
 
 
-@pytest.mark.parametrize("failing,allowed", [("left", 3), ("left", 15), ("right", 0), ("right", 9), ("out", 5)])
-def test_fast_mode_interrupted_then_rerun_equals_uninterrupted(tmp_path, failing, allowed):
+@pytest.mark.parametrize("n,w,b", [(1, 3, 2), (7, 2, 3), (24, 6, 5)])
+def test_the_merging_right_pass_gives_the_frames_of_stored_partials_bit_for_bit(tmp_path, n, w, b):
+    """``right=None`` (R_t merged as it is made, the default) and a kept ``right`` store (merged afterwards)."""
+    size = (5, 4)
+    guide, style = random_frames(n, seed=8, size=size), random_frames(n, seed=9, size=size)
+    params = dict(window_size=w, batch_size=b, matcher_factory=noisy_factory, seed=2)
+    kept = fast_stores(None, n, size)
+    fast_blend(guide, style, kept["out"], left=kept["left"], right=kept["right"], **params)
+    events = []
+    merged = fast_stores(str(tmp_path), n, size, keep_right=False)
+    fast_blend(guide, style, merged["out"], left=merged["left"], progress_callback=events.append, **params)
+    for a, c in zip(frames_of(kept["out"]), frames_of(merged["out"])):
+        np.testing.assert_array_equal(a, c)
+    assert not os.path.exists(tmp_path / "right")
+    stages = {event.stage for event in events}
+    assert stages == {"FastBlend left pass", "FastBlend right pass"}  # no separate merge pass
+    assert [e.done for e in events if e.stage == "FastBlend right pass"] == list(range(n + 1))
+
+
+@pytest.mark.parametrize("keep_right,failing,allowed", [
+    (True, "left", 3), (True, "left", 15), (True, "right", 0), (True, "right", 9), (True, "out", 5),
+    (False, "left", 3), (False, "out", 0), (False, "out", 9), (False, "out", 23)])
+def test_fast_mode_interrupted_then_rerun_equals_uninterrupted(tmp_path, keep_right, failing, allowed):
     n, size = 24, (5, 4)
     guide, style = random_frames(n, seed=4), random_frames(n, seed=5)
     params = dict(window_size=6, batch_size=5, matcher_factory=noisy_factory, seed=11)
     reference = fast_stores(None, n, size)
     fast_blend(guide, style, reference["out"], left=reference["left"], right=reference["right"], **params)
 
-    stores = fast_stores(str(tmp_path), n, size)
+    stores = fast_stores(str(tmp_path), n, size, keep_right)
     broken = dict(stores, **{failing: FailAfterPuts(stores[failing], allowed)})
     with pytest.raises(RuntimeError, match="simulated crash"):
         fast_blend(guide, style, broken["out"], left=broken["left"], right=broken["right"], **params)
     assert not stores["out"].complete()
     stats = RunStats()
-    fresh = fast_stores(str(tmp_path), n, size)  # reopened from disk, as a new process would
+    fresh = fast_stores(str(tmp_path), n, size, keep_right)  # reopened from disk, as a new process would
     fast_blend(guide, style, fresh["out"], left=fresh["left"], right=fresh["right"], stats=stats, **params)
+    if not keep_right and failing == "out":  # the rerun's right pass resumed after the committed final frames
+        assert stats.frames_written == n - allowed
     for a, b in zip(frames_of(reference["out"]), frames_of(fresh["out"])):
         np.testing.assert_array_equal(a, b)
     full = RunStats()

@@ -11,7 +11,6 @@ from PIL import Image
 from diffsynth.testing import factory
 from diffsynth.testing.prompt_model_files import write_beautiful_prompt_folder, write_translator_folder
 
-pytestmark = pytest.mark.filterwarnings("ignore:Recommended. pip install sacremoses")
 
 SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "sd_prompt_refining.py")
 

@@ -22,7 +22,6 @@ from diffsynth.prompts import SDPrompter
 from diffsynth.prompts.beautiful_prompt import GENERATION_SETTINGS, TEMPLATE_V1, TEMPLATE_V2
 from diffsynth.testing.prompt_model_files import write_beautiful_prompt_folder, write_translator_folder
 
-pytestmark = pytest.mark.filterwarnings("ignore:Recommended. pip install sacremoses")
 
 
 @pytest.fixture(scope="module")

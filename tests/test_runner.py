@@ -184,6 +184,7 @@ def test_changing_a_final_smoother_parameter_reuses_the_denoising(smooth_project
 
 
 def test_fastblend_works_in_the_output_folder_and_drives_stages_6_to_8(smooth_project, tmp_path):
+    """Stage 6 = left pass, 7 = right pass merging each frame (no right-pass files), 8 = frames/."""
     from diffsynth.cli import stage_table
 
     out = tmp_path / "out"
@@ -191,16 +192,18 @@ def test_fastblend_works_in_the_output_folder_and_drives_stages_6_to_8(smooth_pr
     config["data"]["keep_intermediates"] = True
     events = []
     SDVideoPipelineRunner(progress_bar_cmd=None, progress_callback=events.append).run(config)
-    for sub in ("left", "right", "blended"):  # smoother/ of the run, not a temporary folder
+    for sub in ("left", "blended"):  # smoother/ of the run, not a temporary folder
         assert len([f for f in os.listdir(out / "smoother" / sub) if f[0].isdigit()]) == 8, sub
+    assert not os.path.exists(out / "smoother" / "right")  # R_t is merged at once, never stored
     stages = json.load(open(out / "manifest.json"))["stages"]
     assert stages["6"]["bytes"] > 0 and stages["7"]["bytes"] > 0 and "note" not in stages["6"]
+    assert stages["7"]["bytes"] == sum(os.path.getsize(out / "smoother" / "blended" / f) for f in os.listdir(out / "smoother" / "blended"))
     # each smoother stage reported its frames one by one, in order 6, 7, 8
     per_stage = [int(e.stage.split()[0]) for e in events if e.stage.split()[0] in ("6", "7", "8")]
     assert per_stage == sorted(per_stage) and all(per_stage.count(s) >= 8 for s in (6, 7, 8)), per_stage
     rows = {r["id"]: r for r in stage_table(str(out))["rows"]}
     assert [rows[s]["status"] for s in (6, 7, 8)] == ["done"] * 3
-    assert rows[6]["frames"] == rows[7]["frames"] == "8/8" and rows[6]["bytes"] > 0
+    assert rows[6]["frames"] == rows[7]["frames"] == rows[8]["frames"] == "8/8" and rows[6]["bytes"] > rows[7]["bytes"] > 0
 
     plain = tmp_path / "plain"  # without keep_intermediates the smoother's files go once frames/ is written
     SDVideoPipelineRunner(progress_bar_cmd=None).run(_with_out(smooth_project, plain))
@@ -272,3 +275,35 @@ def test_the_annotation_key_follows_weight_files_only(project, tmp_path):
     assert _keys(config) == before  # editing a note does not invalidate the annotations
     (folder / "sk_model.pth").write_bytes(b"other weights")
     assert _keys(config)[1] != before[1]
+
+
+def test_beautiful_prompt_refines_with_the_pipeline_seed_and_the_seed_keys_the_prompt_stage(project, tmp_path, caplog):
+    """The prompt stage gives BeautifulPrompt ``pipeline.seed``: recomputing it (any global RNG state before) refines
+    the prompt the same way, and a changed seed recomputes it. Without BeautifulPrompt the seed keys stage 3 only."""
+    from diffsynth.testing.prompt_model_files import write_beautiful_prompt_folder
+
+    config = copy.deepcopy(project)
+    config["models"]["model_list"].append(write_beautiful_prompt_folder(str(tmp_path / "models" / "BeautifulPrompt" / "tiny-bloom")))
+    reseeded = copy.deepcopy(config)
+    reseeded["pipeline"]["seed"] = config["pipeline"].get("seed", 0) + 1
+    assert _keys(config)[2] != _keys(reseeded)[2]
+    plain_reseeded = copy.deepcopy(project)
+    plain_reseeded["pipeline"]["seed"] = reseeded["pipeline"]["seed"]
+    assert _keys(project)[2] == _keys(plain_reseeded)[2] and _keys(project)[3] != _keys(plain_reseeded)[3]
+
+    def stop_after_the_prompt_stage(event):
+        if event.stage.startswith("3 "):
+            raise _Stop()
+
+    def refined_prompt(out, global_seed):
+        torch.manual_seed(global_seed)  # what ran before in the process: must not matter
+        caplog.clear()
+        with caplog.at_level("INFO", logger="diffsynth"), pytest.raises(_Stop):
+            SDVideoPipelineRunner(progress_bar_cmd=None, progress_callback=stop_after_the_prompt_stage).run(_with_out(config, out))
+        refined = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Prompt after translation/refining")]
+        assert len(refined) == 1, refined
+        return refined[0], open(os.path.join(out, "prompt", "embeddings.safetensors"), "rb").read()
+
+    first = refined_prompt(tmp_path / "a", 1)
+    assert first[0] != f"Prompt after translation/refining: {config['pipeline']['pipeline_inputs']['prompt']}"  # it did refine
+    assert refined_prompt(tmp_path / "b", 2) == first

@@ -173,13 +173,14 @@ KILL_POINTS = [
     KillPoint("4-between-steps", "4 denoising: between steps (step 1's last window committed)", _at_event(4, 4), 3, denoising=True),
     KillPoint("4-step-2-first-call", "4 denoising: first UNet call of step 2", _after_unet(CALLS_PER_STEP + 1), 3, denoising=True, slow=True),
     KillPoint("5-decode", "5 VAE decode: after 3 frames", _at_event(5, 4), 4),
-    # FastBlend's fast mode is stages 6-8 (left pass, right pass, merge), each reporting per frame;
-    # its cache is the output folder's smoother/ (left, right, blended), so a kill there resumes.
+    # FastBlend's fast mode is stages 6-7 (left pass; right pass merging each frame into smoother/blended),
+    # each reporting per frame, so a kill there resumes; stage 8 writes frames/, also per frame.
     KillPoint("6-smoother-left", "6 smoother left pass: after 3 frames", _at_event(6, 4), 5),
-    KillPoint("7-smoother-right", "7 smoother right pass: after 3 frames", _at_event(7, 4), 6),
-    KillPoint("8-smoother-merge", "8 smoother merge: after 3 frames", _at_event(8, 4), 7),
-    KillPoint("8-smoother-copy", "8 smoother: merge done, frames/ not yet written", _at_event(8, 9), 7, slow=True),
-    KillPoint("8-smoother-timed", "8 smoother: 0.05 s in (an arbitrary instant)", ("--kill-in-stage", "8:0.05"), 7, slow=True),
+    KillPoint("7-smoother-right", "7 smoother right pass + merge: after 3 frames", _at_event(7, 4), 6),
+    KillPoint("7-smoother-right-last", "7 smoother right pass + merge: after 7 of 8 frames", _at_event(7, 8), 6, slow=True),
+    KillPoint("8-smoother-frames", "8 smoother output: after 3 frames handed to frames/", _at_event(8, 4), 7),
+    KillPoint("8-smoother-copy", "8 smoother output: every frame handed to frames/, not yet all committed", _at_event(8, 9), 7, slow=True),
+    KillPoint("7-smoother-timed", "7 smoother right pass + merge: 0.05 s in (an arbitrary instant)", ("--kill-in-stage", "7:0.05"), 6, slow=True),
     KillPoint("9-video", "9 video encode: after 3 frames sent to ffmpeg", _at_event(9, 4), 8),
 ]
 

@@ -240,3 +240,25 @@ def test_a_different_call_in_the_same_folder_does_not_reuse_stale_frames(animate
     torch.manual_seed(0)
     fresh = _array(animatediff_pipe("a dog", **dict(kw, output_folder=str(tmp_path / "fresh"))))
     assert not np.array_equal(a, b) and np.array_equal(b, fresh)
+
+
+@torch.no_grad()
+def test_a_one_argument_progress_bar_cmd_sees_every_step(tiny_sd_file):
+    """The original's examples pass one-argument commands (``lambda x: x``, a Streamlit adapter): the
+    denoising bar is such a command wrapped around ``range(steps)``, every step's item taken."""
+    mm = ModelManager(torch_dtype=torch.float32, device="cpu")
+    mm.load_models([tiny_sd_file])
+    pipe = SDVideoPipeline.from_model_manager(mm)
+    taken = []
+
+    def one_argument_bar(items):
+        for item in items:
+            taken.append(item)
+            yield item
+
+    kw = dict(num_frames=2, num_inference_steps=3, height=64, width=64, in_memory=True)
+    torch.manual_seed(0)
+    with_bar = _array(pipe("a cat", progress_bar_cmd=one_argument_bar, **kw))
+    assert taken == [0, 1, 2]
+    torch.manual_seed(0)
+    assert np.array_equal(_array(pipe("a cat", progress_bar_cmd=lambda x: x, **kw)), with_bar)

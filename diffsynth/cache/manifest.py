@@ -24,8 +24,8 @@ STAGES = (
     (4, "denoising"),
     (5, "VAE decode"),
     (6, "smoother left pass"),
-    (7, "smoother right pass"),
-    (8, "smoother blend"),
+    (7, "smoother right + merge"),
+    (8, "smoother output"),
     (9, "video encode"),
 )
 STAGE_NAMES = dict(STAGES)

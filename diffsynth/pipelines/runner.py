@@ -9,13 +9,14 @@ Accepts DiffSynth-Studio's config dict unchanged (``models``, ``data``, ``pipeli
   and the smoother's partial results after the final frames are written.
 
 FastBlend entries of ``smoother_configs`` keep their cache in the output folder
-(``smoother/left``, ``smoother/right``, ``smoother/blended``) unless the entry gives a
-``cache_folder``, so a killed smoothing pass resumes. When smoothing applies to the
-final frames, FastBlend's fast mode *is* stages 6-8: its left pass is stage 6, its
-right pass stage 7, its merge (and any processors chained after it) stage 8, each
-reported frame by frame. Other smoothers (balanced/accurate modes, RIFE, PIL edits)
-have no left/right passes: stages 6 and 7 then finish at once, marked so in the
-manifest, and all the smoothing is stage 8.
+(``smoother/left``, ``smoother/blended``) unless the entry gives a ``cache_folder``, so
+a killed smoothing pass resumes. When smoothing applies to the final frames, FastBlend's
+fast mode *is* stages 6-7: its left pass is stage 6, its right pass stage 7 (which merges
+each frame into ``smoother/blended`` as soon as it is ready, so no right-pass partial
+result is ever stored), each reported frame by frame; stage 8 writes the smoothed frames
+(through any processors chained after it) into ``frames/``, also frame by frame. Other
+smoothers (balanced/accurate modes, RIFE, PIL edits) have no left/right passes: stages 6
+and 7 then finish at once, marked so in the manifest, and all the smoothing is stage 8.
 
 The run is 10 stages (DESIGN.md §3). Each has a cache key — a hash of everything its
 result depends on, not of batch sizes or the device — and is journalled in
@@ -42,6 +43,8 @@ from ..controlnets import ControlNetConfigUnit
 from ..data import VideoData, save_video
 from ..models.model_manager import ModelManager
 from ..progress import ProgressCallback, ProgressEvent
+from ..prompts import BeautifulPrompt
+from ..prompts.prompt_models import prompt_model_component
 from ..schedulers.ddim import ddim_timesteps
 from ..utils.atomic import DiskFullError, atomic_save_safetensors, atomic_write_text, is_temp_name
 from .sd_video import SDVideoPipeline, VideoFrames, WindowJournal, _put_all, _remove_store, sliding_windows
@@ -56,8 +59,11 @@ _DENOISE_PARAMS = ("cfg_scale", "denoising_strength", "num_inference_steps", "an
 # (the in-loop smoother's decode/encode inside stage 4, for one, do not).
 _STAGE_EVENTS = {1: "annotate", 3: "initial latents", 4: "denoise", 5: "decode"}
 
-# FastBlend fast mode's progress stages (extensions/FastBlend/runners/fast.py) -> runner stages.
-_FASTBLEND_STAGES = {"FastBlend left pass": 6, "FastBlend right pass": 7, "FastBlend merge": 8}
+# FastBlend fast mode's progress stages (extensions/FastBlend/runners/fast.py) -> runner stages. The right
+# pass merges as it goes; a separate "FastBlend merge" pass runs only for a caller's own right= store.
+_FASTBLEND_STAGES = {"FastBlend left pass": 6, "FastBlend right pass": 7}
+# Where each pass stage's files are, under smoother/ (the right pass's are the merged frames).
+_PASS_FOLDERS = {6: "left", 7: "blended"}
 
 
 def denoising_plan(inputs: dict, num_frames: int) -> dict:
@@ -160,7 +166,7 @@ class _Progress:
 
 
 class _SmootherStages:
-    """Turns the final smoothing into stages 6-8: FastBlend's pass events begin and finish them.
+    """Turns the final smoothing into stages 6-8: FastBlend's pass events begin and finish stages 6-7.
 
     Installed as the ``progress_callback`` of the chain's first fast-mode FastBlend. Its
     events count only while :meth:`activate` is in effect (the final smoothing); inside
@@ -186,8 +192,7 @@ class _SmootherStages:
         manifest, keys, progress, out = self.target
         for sid in range(6, stage_id):
             if not manifest.is_done(sid, keys[sid]):
-                folder = os.path.join(out, "smoother", "left" if sid == 6 else "right")
-                manifest.finish(sid, keys[sid], bytes=_folder_bytes(folder))
+                manifest.finish(sid, keys[sid], bytes=_folder_bytes(os.path.join(out, "smoother", _PASS_FOLDERS[sid])))
             progress.finish_stage(sid)
         if self.current != stage_id:
             self.current = stage_id
@@ -349,6 +354,8 @@ class SDVideoPipelineRunner:
             "size": [plan["height"], plan["width"]],
         }
         model_ids = [file_identity(p) for p in models["model_list"]]
+        # BeautifulPrompt samples its continuation with the run's seed (stage 2): then the seed is part of the prompt.
+        refines = any(prompt_model_component(p) == "beautiful_prompt" for p in models["model_list"])
         ti = file_identity(models.get("textual_inversion_folder")) if models.get("textual_inversion_folder") else None
         k0 = stable_hash({"stage": 0, "input": frames_id(data["input_frames"])})
         specs = data.get("controlnet_frames") or [data["input_frames"]] * len(models.get("controlnet_units", []))
@@ -357,7 +364,8 @@ class SDVideoPipelineRunner:
         annotators = _weights_identity(models.get("annotator_folder", "models/Annotators")) if neural else None
         k1 = stable_hash({"stage": 1, "units": units, "annotators": annotators})
         k2 = stable_hash({"stage": 2, "models": model_ids, "alphas": models.get("lora_alphas", []), "ti": ti,
-                          "prompt": inputs.get("prompt"), "negative": inputs.get("negative_prompt", ""), "clip_skip": inputs.get("clip_skip", 1)})
+                          "prompt": inputs.get("prompt"), "negative": inputs.get("negative_prompt", ""), "clip_skip": inputs.get("clip_skip", 1),
+                          **({"beautiful_prompt_seed": pipeline.get("seed", 0)} if refines else {})})
         k3 = stable_hash({"stage": 3, "k0": k0, "models": model_ids, "seed": pipeline.get("seed", 0), "n": plan["num_frames"],
                           "size": [plan["height"], plan["width"]], "strength": inputs.get("denoising_strength", 1.0), "steps": inputs.get("num_inference_steps", 20)})
         # The smoother enters denoising only through the steps it smooths inside the loop: a smoother
@@ -455,6 +463,10 @@ class SDVideoPipelineRunner:
         embs = _load_embeddings(emb_path) if manifest.is_done(2, keys[2]) and os.path.isfile(emb_path) else None
         if embs is None:
             manifest.begin(2, keys[2])
+            if isinstance(pipe.prompter.beautiful_prompt, BeautifulPrompt):
+                # Sample with the run's seed, not a draw from the global RNG (which depends on what ran
+                # before in this process): a recomputed prompt stage refines the prompt identically.
+                pipe.prompter.beautiful_prompt.seed = int(config["pipeline"].get("seed", 0))
             # Both, always: whether denoising uses the negative one depends on cfg_scale, which is not in this stage's key.
             embs = {"posi": pipe.prompter.encode_prompt(pipe.text_encoder, inputs["prompt"], clip_skip=inputs.get("clip_skip", 1), device=pipe.device).cpu().contiguous(),
                     "nega": pipe.prompter.encode_prompt(
@@ -528,7 +540,7 @@ class SDVideoPipelineRunner:
             manifest.finish(5, keys[5], bytes=decoded.nbytes())
         progress.finish_stage(5)
 
-        # stages 6-8: the smoother (FastBlend's left pass, right pass, merge), streaming through smoother/
+        # stages 6-8: the smoother (FastBlend's left pass, right pass + merge, frames/), streaming through smoother/
         if final_smoothing:
             if not smoothed:
                 self._smooth(smoother, smoother_stages, decoded, source, frames, manifest, keys, progress, out)
@@ -559,18 +571,20 @@ class SDVideoPipelineRunner:
     def _smooth(smoother, stages: "_SmootherStages", decoded, source, frames, manifest: Manifest, keys: dict[int, str], progress: _Progress, out: str) -> None:
         """Stages 6-8 on the decoded frames, into ``frames/``.
 
-        With a fast-mode FastBlend in the chain its pass events move the stages along
+        With a fast-mode FastBlend in the chain its pass events move stages 6 and 7 along
         (:class:`_SmootherStages`); a pass already complete on disk reports nothing, and
-        the next pass's first event (or the end) finishes it. Without one, stages 6 and 7
-        finish at once and everything is stage 8.
+        the next pass's first event (or the end) finishes it. Stage 8 writes the result
+        (through any processors chained after FastBlend) into ``frames/``, one unit per
+        frame. Without a fast-mode FastBlend, stages 6 and 7 finish at once and all the
+        smoothing is stage 8.
         """
         if stages.installed:
             stages.activate(manifest, keys, progress, out)
             try:
                 stages.enter(6)
                 result = smoother(VideoFrames(decoded), original_frames=source)
-                stages.enter(8)  # the merge reports nothing when its frames were all on disk already
-                _put_all(frames, result)
+                stages.enter(8)  # finishes 6 and 7 too when their frames were all on disk already
+                _put_all(frames, progress.each(result))
             finally:
                 stages.deactivate()
         else:
@@ -579,7 +593,7 @@ class SDVideoPipelineRunner:
                 progress.finish_stage(sid)
             progress.set_stage(8, STAGE_NAMES[8])
             manifest.begin(8, keys[8])
-            _put_all(frames, smoother(VideoFrames(decoded), original_frames=source))
+            _put_all(frames, progress.each(smoother(VideoFrames(decoded), original_frames=source)))
         manifest.finish(8, keys[8], bytes=frames.nbytes())
 
     # ------------------------------------------------------------------ helpers
@@ -644,10 +658,8 @@ class SDVideoPipelineRunner:
                 elif sid == 4:
                     steps = manifest.data["stages"]["4"].get("steps_done", 0)
                     done[sid] = steps * weight // max(denoising_plan(plan["config"]["pipeline"]["pipeline_inputs"], n)["steps"], 1)
-                elif sid in (6, 7):
-                    done[sid] = _count_committed(os.path.join(out, "smoother", "left" if sid == 6 else "right"))
-                elif sid == 8:
-                    done[sid] = _count_committed(os.path.join(out, "smoother", "blended"))
+                elif sid in _PASS_FOLDERS:  # stage 8 rewrites frames/ whole: a partial one counts nothing
+                    done[sid] = _count_committed(os.path.join(out, "smoother", _PASS_FOLDERS[sid]))
         return done
 
     def _load_pipeline(self, config: dict) -> tuple[SDVideoPipeline, ModelManager]:
@@ -664,13 +676,21 @@ class SDVideoPipelineRunner:
         return pipe, model_manager
 
     @staticmethod
+    def smoother_has_passes(config: dict) -> bool:
+        """Whether the final smoothing has stages 6-7 of its own: the chain holds a fast-mode FastBlend (see ``_load_smoother``)."""
+        return any(isinstance(entry, dict) and entry.get("processor_type") == "FastBlend"
+                   and (entry.get("config") or {}).get("inference_mode", "fast") == "fast"
+                   and "progress_callback" not in (entry.get("config") or {})
+                   for entry in config.get("smoother_configs") or [])
+
+    @staticmethod
     def _load_smoother(config: dict, model_manager: ModelManager, stages: _SmootherStages) -> tuple[Any, bool]:
         """The ``smoother_configs`` chain (or None) and whether its cache folder is the run's ``smoother/``.
 
         FastBlend entries without a ``cache_folder`` get the output folder (the first such
         entry; later ones ``smoother/processor_<k>``, so two in one chain do not share files)
         and ``keep_partials`` from ``data.keep_intermediates``. The chain's first fast-mode
-        FastBlend reports its passes to ``stages`` (stages 6-8). Only the built processors
+        FastBlend reports its passes to ``stages`` (stages 6-7). Only the built processors
         get these; ``config.json`` keeps the user's entries.
         """
         configs = config.get("smoother_configs")

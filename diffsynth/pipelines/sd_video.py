@@ -36,7 +36,7 @@ from tqdm import tqdm
 from ..cache import MissingItem, Prefetcher, StoreFrames, WriteBehind, as_store, image_store, tensor_store
 from ..controlnets import ControlNetConfigUnit, MultiControlNetManager
 from ..models.model_manager import ModelManager
-from ..progress import ProgressCallback, ProgressEvent
+from ..progress import ProgressCallback, ProgressEvent, wrap_progress_bar
 from ..prompts import SDPrompter
 from ..schedulers import EnhancedDDIMScheduler
 from .sd_image import LATENT_FACTOR, build_controlnet_manager, check_size, preprocess_image, tensor_to_images
@@ -517,13 +517,18 @@ class SDVideoPipeline:
 
 
 class _Progress:
-    """tqdm over denoising steps plus typed events for UIs."""
+    """tqdm over denoising steps plus typed events for UIs.
+
+    The bar is ``progress_bar_cmd`` wrapped around ``range(steps)`` (:func:`wrap_progress_bar`, so a
+    one-argument command such as the original examples' ``lambda x: x`` works too), advanced by
+    taking one item per step: a step's item is taken when it begins, and the rest at the end.
+    """
 
     def __init__(self, bar_cmd, callback, st_bar, steps):
         self.callback = callback
         self.st_bar = st_bar
         self.steps = steps
-        self.bar = bar_cmd(total=steps, desc="denoising") if bar_cmd is not None else None
+        self.ticks = iter(wrap_progress_bar(bar_cmd, range(steps), steps, "denoising")) if bar_cmd is not None else None
         self.counts: dict[str, int] = {}
 
     def __call__(self, stage: str, done: int, total: int | None) -> None:
@@ -532,17 +537,17 @@ class _Progress:
             self.callback(ProgressEvent(stage, self.counts[stage], total if total is not None else -1))
 
     def begin_step(self, step: int) -> None:
-        if step and self.bar is not None:
-            self.bar.update(1)
+        if self.ticks is not None:
+            next(self.ticks, None)  # tqdm counts an item done when the next one is taken
         if self.st_bar is not None:
             self.st_bar.progress(step / self.steps)
         if self.callback is not None:
             self.callback(ProgressEvent("step", step, self.steps))
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.close()
+        if self.ticks is not None:
+            for _ in self.ticks:  # the last steps' items; exhausting a tqdm closes it
+                continue
         if self.callback is not None:
             self.callback(ProgressEvent("step", self.steps, self.steps))
 

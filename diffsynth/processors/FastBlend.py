@@ -7,21 +7,22 @@ lazy sequence of PIL frames. The modes and their math are in
 
 Where the intermediate results live (``cache_folder``):
 
-- a folder: ``cache_folder/smoother/left/``, ``right/`` (fast mode's per-frame partial results,
-  ``.npy``) and ``blended/`` (result PNGs), plus ``key.json``. Every file is committed
+- a folder: ``cache_folder/smoother/left/`` (fast mode's left-pass partial results, ``.npy``;
+  its right pass merges each frame at once and stores no partial result) and ``blended/``
+  (result PNGs), plus ``key.json``. Every file is committed
   atomically; calling again with the same inputs and settings continues where a killed run
   stopped, and returns the same frames as an uninterrupted run. The key hashes the settings
   and the pixels of every input frame (one extra read of the inputs), so different inputs,
   e.g. the next denoising step's frames, never reuse stale results: the folder is emptied
   and recomputed.
 - ``None``: in memory when the clip is short (fast mode's float16 partial results and the
-  frames take at most :attr:`FastBlendSmoother.in_memory_limit` bytes, 256 MiB: about 65
+  frames take at most :attr:`FastBlendSmoother.in_memory_limit` bytes, 256 MiB: about 110
   frames at 512²), else a temporary folder (under ``$TMPDIR``), removed when the returned
   frames are garbage-collected. ``in_memory=`` forces either. For long videos give a folder
   on a real disk: ``/tmp`` is RAM on many systems, and a temporary folder does not resume.
 
-``left/`` and ``right/`` are emptied once ``blended/`` is complete unless
-``keep_partials=True`` (DESIGN §3, "Disk budget").
+``left/`` (and a ``right/`` left by an earlier version) is emptied once ``blended/`` is complete
+unless ``keep_partials=True`` (DESIGN §3, "Disk budget").
 """
 from __future__ import annotations
 
@@ -178,8 +179,8 @@ class FastBlendSmoother(VideoProcessor):
             if self.device.startswith("cuda"):
                 torch.cuda.empty_cache()  # the original freed CuPy's pools here: give the VRAM back to the pipeline
         if not self.keep_partials and "left" in stores and root is not None:
-            for name in ("left", "right"):
-                stores[name].clear()
+            stores["left"].clear()
+            self._remove_old_right(root)
         return StoreFrames(out, keepalive)
 
     def _dispatch(self, guide, style, keyframe_indices, stores, stats) -> None:
@@ -189,7 +190,7 @@ class FastBlendSmoother(VideoProcessor):
         mode = self.inference_mode
         if mode == "fast":
             fast_blend(guide, style, stores["result"], window_size=self.window_size, left=stores["left"],
-                       right=stores["right"], partial_dtype=self.partial_dtype, **common)
+                       partial_dtype=self.partial_dtype, **common)
         elif mode == "balanced":
             balanced_blend(guide, style, stores["result"], window_size=self.window_size, **common)
         elif mode == "accurate":
@@ -223,7 +224,7 @@ class FastBlendSmoother(VideoProcessor):
         in_memory = self.in_memory
         if in_memory is None:
             width, height = size
-            per_frame = width * height * 3 * (1 + (2 * self.partial_dtype.itemsize if self.inference_mode == "fast" else 0))
+            per_frame = width * height * 3 * (1 + (self.partial_dtype.itemsize if self.inference_mode == "fast" else 0))
             in_memory = n * per_frame <= self.in_memory_limit and result_folder is None
         if in_memory:
             return None, None
@@ -239,9 +240,15 @@ class FastBlendSmoother(VideoProcessor):
         result = result_folder if result_folder is not None else sub("blended")
         stores = {"result": image_store(None if result is None else os.fspath(result), n, size=size)}
         if self.inference_mode == "fast":
-            for name in ("left", "right"):
-                stores[name] = tensor_store(sub(name), n, shape=(height, width, 3), dtype=self.partial_dtype)
+            stores["left"] = tensor_store(sub("left"), n, shape=(height, width, 3), dtype=self.partial_dtype)
         return stores
+
+    @staticmethod
+    def _remove_old_right(root: str) -> None:
+        """Remove ``root/right/``: versions before the merging right pass stored ``R_t`` there; nothing reads it now."""
+        folder = os.path.join(root, "right")
+        if os.path.isdir(folder):
+            shutil.rmtree(folder)
 
     def _check_key(self, root, stores, guide, style, keyframe_indices, n, size) -> None:
         """Empty the stores unless ``root/key.json`` says they were computed from these inputs and settings."""

@@ -7,7 +7,7 @@ the original's runner classes (``FastModeRunner().run(...)`` etc.) are kept as t
 from .accurate import AccurateModeRunner, accurate_blend, accurate_plan
 from .balanced import BalancedModeRunner, balanced_blend, balanced_plan
 from .common import EngineSettings, RunStats, StoreFrames, derive_seed
-from .fast import FastModeRunner, fast_blend, fast_pass, merge_partials
+from .fast import FastModeRunner, MergingStore, fast_blend, fast_pass, merge_partials
 from .fenwick import fast_pass_plan, fenwick_nodes, original_task_list, table_tasks, window_nodes
 from .interpolation import (InterpolationModeRunner, InterpolationModeSingleFrameRunner, interpolate_keyframes,
                             interpolation_groups, interpolation_weights, single_keyframe_batches)
@@ -20,6 +20,7 @@ __all__ = [
     "fast_blend",
     "fast_pass",
     "merge_partials",
+    "MergingStore",
     "balanced_blend",
     "accurate_blend",
     "interpolate_keyframes",

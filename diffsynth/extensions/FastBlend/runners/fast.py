@@ -1,16 +1,23 @@
-"""Fast mode: two streaming Fenwick passes (left, right) into per-frame partial results, then the merge.
-
-Stages (DESIGN §3, stages 6-8), each resumable from its per-frame files:
+"""Fast mode: two streaming Fenwick passes (left, then right, merging as it goes), DESIGN §3 stages 6-7.
 
 1. left pass: ``L_t`` (the window ``[t - w, t]`` blended onto frame ``t``) into ``left``;
-2. right pass: the same on the reversed sequence, ``R_t`` for ``[t, t + w]``, into ``right``;
-3. merge: ``F_t = (w_L·L_t + w_R·R_t − style_t) / (w_L + w_R − 1)`` (the centre frame is in both
-   halves, so it is taken out once), clipped and truncated to uint8, into ``out``.
+2. right pass: the same on the reversed sequence, ``R_t`` for ``[t, t + w]``, merged as soon as it
+   is ready: ``F_t = (w_L·L_t + w_R·R_t − style_t) / (w_L + w_R − 1)`` (the centre frame is in
+   both halves, so it is taken out once), clipped and truncated to uint8, into ``out``.
+
+``R_t`` is never stored: the right pass writes through :class:`MergingStore`, whose ``put(t, R_t)``
+reads ``L_t`` and ``style_t`` and commits ``F_t``, and whose ``missing()`` is ``out.missing()``, so
+the right pass resumes after the longest run of final frames committed from its start. That
+saves a partial file per frame on disk (the output folder's peak at 1280×768: issue #4) and a
+separate merge pass over three stores. A caller that wants ``R_t`` kept passes a ``right``
+store: then the right pass stores it and :func:`merge_partials` merges afterwards, with the
+same numbers (the tests compare the two routes).
 
 The weights are counts, ``w_L = t − max(t − w, 0) + 1`` and ``w_R = min(t + w, N − 1) − t + 1``,
 so the partial files hold only the frame. They are float16 by default (``partial_dtype``): half
 the disk of float32, and the merge moves by at most ~0.07 of a level (float16 keeps 11 bits;
-values are at most 255), below the uint8 step. Pass ``torch.float32`` to keep them exact.
+values are at most 255), below the uint8 step. ``R_t`` is rounded to ``partial_dtype`` too, stored
+or not, so both routes give the same frames. Pass ``torch.float32`` to keep them exact.
 
 Memory: the nodes alive (about ``w + 1`` float32 frames, see :mod:`.fenwick`), the table
 accumulators of the frames in the current table batch, the window accumulators of the targets
@@ -24,12 +31,12 @@ from typing import Any
 
 import torch
 
-from ....cache import Prefetcher, Store, WriteBehind, image_store, tensor_store
+from ....cache import Prefetcher, Store, TensorCodec, WriteBehind, image_store, tensor_store
 from .common import (BatchLoader, EngineSettings, FrameReader, MatcherFactory, Progress, RunStats, check_output_store,
                      derive_seed, engine_device, open_inputs, prefetched, remap, save_original_style, to_output_frame)
 from .fenwick import NodeReady, TableBatch, WindowBatch, fast_pass_plan
 
-__all__ = ["fast_blend", "fast_pass", "merge_partials", "FastModeRunner"]
+__all__ = ["fast_blend", "fast_pass", "merge_partials", "MergingStore", "FastModeRunner"]
 
 logger = logging.getLogger("diffsynth")
 
@@ -40,9 +47,11 @@ def fast_blend(guide: Any, style: Any, out: Store | None = None, *, window_size:
                progress_bar_cmd=None, progress_callback=None, stats: RunStats | None = None) -> Store:
     """Deflicker ``style`` guided by ``guide`` (stores or frame sequences) in fast mode; returns ``out``.
 
-    ``out`` is a writable image store of ``N`` slots (default: in memory); ``left`` and ``right``
-    are tensor stores of ``N`` slots for the partial results (default: in memory; pass disk
-    stores, e.g. ``tensor_store("out/smoother/left", N)``, for long videos and resuming).
+    ``out`` is a writable image store of ``N`` slots (default: in memory); ``left`` is a tensor
+    store of ``N`` slots for the left pass's partial results (default: in memory; pass a disk
+    store, e.g. ``tensor_store("out/smoother/left", N)``, for long videos and resuming). The
+    right pass merges each frame into ``out`` as soon as its ``R_t`` is ready; pass a ``right``
+    store only to keep the ``R_t`` (they are then merged in a third pass, same frames).
     Everything already committed in ``out``/``left``/``right`` is kept; a rerun computes only
     what is missing and gives the same frames as an uninterrupted run. The stores must hold
     results of these same inputs and settings (``FastBlendSmoother`` keys its cache folder so).
@@ -57,7 +66,8 @@ def fast_blend(guide: Any, style: Any, out: Store | None = None, *, window_size:
         return out
     shape = (height, width, 3)
     left = check_output_store(left if left is not None else tensor_store(None, n, shape=shape, dtype=partial_dtype), n, "left")
-    right = check_output_store(right if right is not None else tensor_store(None, n, shape=shape, dtype=partial_dtype), n, "right")
+    if right is not None:
+        right = check_output_store(right, n, "right")
     capacity = min(n, frame_cache if frame_cache is not None else window_size + batch_size + 2)
     readers = {"guide": FrameReader(guide, (width, height), capacity, "guide"),
                "style": FrameReader(style, (width, height), capacity, "style")}
@@ -65,11 +75,16 @@ def fast_blend(guide: Any, style: Any, out: Store | None = None, *, window_size:
     matcher = factory(height, width)
     device = engine_device(matcher)
     stats = stats if stats is not None else RunStats()
-    for direction, partial in (("left", left), ("right", right)):
+    progress = (progress_bar_cmd, progress_callback)
+    if right is None:  # the default: merge each frame as soon as its R_t is ready
+        right_out = MergingStore(left, readers["style"].store, out, window_size, size=(width, height), dtype=partial_dtype)
+    else:
+        right_out = right
+    for direction, partial in (("left", left), ("right", right_out)):
         fast_pass(direction, readers, partial, matcher, device, window_size=window_size, batch_size=batch_size, seed=seed,
-                  partial_dtype=partial_dtype, progress=(progress_bar_cmd, progress_callback), stats=stats)
-    merge_partials(left, right, readers["style"].store, out, window_size, size=(width, height),
-                   progress=(progress_bar_cmd, progress_callback))
+                  partial_dtype=partial_dtype, progress=progress, stats=stats)
+    if right is not None:
+        merge_partials(left, right, readers["style"].store, out, window_size, size=(width, height), progress=progress)
     return out
 
 
@@ -174,6 +189,54 @@ def fast_pass(direction: str, readers: dict[str, FrameReader], partial: Store, m
     bar.close()
 
 
+def merge_frame(t: int, n: int, window_size: int, left_t: torch.Tensor, right_t: torch.Tensor, style_t: torch.Tensor):
+    """``F_t = (w_L·L_t + w_R·R_t − style_t) / (w_L + w_R − 1)`` as a uint8 frame (see the module docstring)."""
+    weight_left = t - max(t - window_size, 0) + 1
+    weight_right = min(t + window_size, n - 1) - t + 1
+    blended = left_t.to(torch.float32) * weight_left + right_t.to(torch.float32) * weight_right - style_t.to(torch.float32)
+    return to_output_frame(blended / (weight_left + weight_right - 1))
+
+
+class MergingStore(Store):
+    """The right pass's output when ``R_t`` is not kept: ``put(t, R_t)`` commits ``F_t`` into ``out``.
+
+    ``put`` reads ``left[t]`` (committed by the left pass) and the style frame ``t``, merges
+    (:func:`merge_frame`) and puts the result into ``out``; it runs on the pass's write-behind
+    thread, so it reads the style frames through a reader of its own. ``missing()`` is
+    ``out.missing()`` (the pass resumes after the final frames committed from its start) and
+    nothing can be read back: ``R_t`` is gone once merged.
+    """
+
+    def __init__(self, left: Store, style: Store, out: Store, window_size: int, *, size: tuple[int, int],
+                 dtype: torch.dtype):
+        width, height = size
+        super().__init__(len(out), TensorCodec((height, width, 3), dtype))  # validates and snapshots R_t on put
+        self.left, self.out, self.window_size = left, out, window_size
+        self._style = FrameReader(style, size, 1, "style")  # the writer thread's own: FrameReader is not thread-safe
+
+    def missing(self) -> list[int]:
+        return self.out.missing()
+
+    def _has(self, slot: int) -> bool:
+        return self.out.has(slot)
+
+    def _get(self, slot: int):
+        raise TypeError(f"a MergingStore keeps no R_t (slot {slot} was merged into {self.out!r}); pass a right= store to keep them")
+
+    def _put(self, slot: int, value) -> None:
+        right_t = self.codec.canonical(value, copy=False)
+        self.out.put(slot, merge_frame(slot, len(self), self.window_size, self.left[slot], right_t, self._style[slot]))
+
+    def _delete(self, slot: int) -> None:
+        self.out.delete(slot)
+
+    def clear(self) -> None:
+        self.out.clear()
+
+    def __repr__(self) -> str:
+        return f"MergingStore(into {self.out!r})"
+
+
 class _Zip:
     """``zip[i] -> (a[i], b[i], c[i])``, a duck-typed store for one Prefetcher over three stores."""
 
@@ -186,7 +249,7 @@ class _Zip:
 
 def merge_partials(left: Store, right: Store, style: Store, out: Store, window_size: int, *, size: tuple[int, int],
                    progress=(None, None)) -> None:
-    """Write ``F_t = (w_L·L_t + w_R·R_t − style_t) / (w_L + w_R − 1)`` of every frame missing from ``out``."""
+    """Write ``F_t`` of every frame missing from ``out`` from stored ``L_t`` and ``R_t`` (only when ``R_t`` were kept)."""
     n = len(out)
     todo = out.missing()
     if not todo:
@@ -195,10 +258,7 @@ def merge_partials(left: Store, right: Store, style: Store, out: Store, window_s
     style_frames = FrameReader(style, size, 1, "style")  # used on the prefetch thread only
     with WriteBehind(out, max_pending=2) as writer:
         for t, (left_t, right_t, style_t) in Prefetcher(_Zip(left, right, style_frames), todo):
-            weight_left = t - max(t - window_size, 0) + 1
-            weight_right = min(t + window_size, n - 1) - t + 1
-            blended = left_t.to(torch.float32) * weight_left + right_t.to(torch.float32) * weight_right - style_t.to(torch.float32)
-            writer.put(t, to_output_frame(blended / (weight_left + weight_right - 1)))
+            writer.put(t, merge_frame(t, n, window_size, left_t, right_t, style_t))
             bar.update()
     bar.close()
 
