@@ -204,6 +204,13 @@ class SpatialTransformer(nn.Module):
         b, c, h, w = x.shape
         residual = x
         x = self.norm(x)
+        if self.use_linear and tile is None and not (cross_frame and b > 1):
+            # SDXL's usual path stays in token layout from proj_in to proj_out: one copy in, one out
+            # (a linear layer on a transposed view runs as a slower batched matmul)
+            tokens = self.proj_in(x.flatten(2).transpose(1, 2).contiguous())
+            for block in self.transformer_blocks:
+                tokens = block(tokens, context)
+            return self.proj_out(tokens).transpose(1, 2).reshape(b, c, h, w).contiguous().add_(residual)
         if self.use_linear:
             x = self.proj_in(x.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(b, -1, h, w)
         else:
