@@ -5,7 +5,12 @@ formats (speed does not depend on the weights' values), through the same
 ``Annotator`` front end the pipelines use (resizing included). Each annotator is
 warmed up once, then timed over ``--frames`` calls on a real photograph.
 
-Usage: python bench/annotators.py [--frames 3] [--size 512] [--only canny,lineart,...]
+With random weights openpose "finds" many people, and it runs the hand network on two
+crops and the face network on one crop per person, so its frames/s says little about a real
+video. ``--openpose-breakdown`` times its parts instead and estimates a one-person frame:
+body maps + 2 hand crops + 1 face crop.
+
+Usage: python bench/annotators.py [--frames 3] [--size 512] [--only canny,lineart,...] [--openpose-breakdown]
 """
 from __future__ import annotations
 
@@ -50,7 +55,11 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=3)
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--only", default=",".join(PROCESSOR_IDS))
+    ap.add_argument("--openpose-breakdown", action="store_true", help="time openpose's body, hand and face networks separately")
     args = ap.parse_args()
+    if args.openpose_breakdown:
+        openpose_breakdown(sample_photo(args.size), args.frames)
+        return
     image = sample_photo(args.size)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.size}x{args.size}, {args.frames} timed calls each")
     with tempfile.TemporaryDirectory() as folder:
@@ -65,6 +74,42 @@ def main() -> None:
                 times.append(time.perf_counter() - start)
             med = statistics.median(times)
             print(f"  {pid:14s} {1 / med:8.2f} frames/s  ({med * 1000:8.1f} ms/frame)")
+
+
+def _median_time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def openpose_breakdown(image: Image.Image, repeats: int) -> None:
+    from diffsynth.controlnets.annotators.openpose import inference
+    from diffsynth.controlnets.annotators.openpose.detector import OpenposeDetector
+    from diffsynth.testing.openpose_files import write_openpose_files
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {image.size[0]}x{image.size[1]}, median of {repeats}")
+    with tempfile.TemporaryDirectory() as folder:
+        write_openpose_files(folder)
+        detector = OpenposeDetector.from_folder(folder)
+    bgr = np.ascontiguousarray(np.asarray(image)[:, :, ::-1])
+    side = image.size[1] // 3  # a hand or face crop about a third of the frame tall
+    crop = np.ascontiguousarray(bgr[:side, :side])
+    with torch.no_grad():
+        body = _median_time(lambda: inference.body_maps(detector.body_net, bgr), repeats)
+        hand = _median_time(lambda: inference.hand_maps(detector.hand_net, crop), repeats)
+        face = _median_time(lambda: inference.face_maps(detector.face_net, crop), repeats)
+        heatmaps, pafs = inference.body_maps(detector.body_net, bgr)
+        people = len(detector.poses_from_maps(bgr, heatmaps, pafs))
+    one_person = body + 2 * hand + face
+    print(f"  body maps          {body * 1000:8.1f} ms")
+    print(f"  hand maps per crop {hand * 1000:8.1f} ms  ({side}x{side} crop, all scales)")
+    print(f"  face maps per crop {face * 1000:8.1f} ms")
+    print(f"  people found by the random-weight body net: {people}")
+    print(f"  estimated one-person frame: {one_person * 1000:.1f} ms = {1 / one_person:.3f} frames/s")
 
 
 if __name__ == "__main__":
