@@ -151,23 +151,7 @@ class SDImagePipeline:
         generator: torch.Generator | None = None,
     ) -> Image.Image:
         """Render one image. ``progress_bar_st`` is accepted for compatibility; UIs pass ``progress_callback``."""
-        check_size(height, width)
-        if not 0 < denoising_strength <= 1:
-            raise ValueError(f"denoising_strength must be in (0, 1], got {denoising_strength}")
-        self.scheduler.set_timesteps(num_inference_steps, denoising_strength)
-        shape = (1, 4, height // LATENT_FACTOR, width // LATENT_FACTOR)
-
-        if input_image is not None:
-            if input_image.size != (width, height):
-                raise ValueError(
-                    f"input_image is {input_image.size[0]}x{input_image.size[1]} but width x height is {width}x{height}; "
-                    "resize the image or pass its size"
-                )
-            latents = self.encode_image(input_image, tiled, tile_size, tile_stride)
-            noise = draw_noise(shape, generator).to(self.device, self.torch_dtype)
-            latents = self.scheduler.add_noise(latents, noise, self.scheduler.timesteps[0])
-        else:
-            latents = draw_noise(shape, generator).to(self.device, self.torch_dtype)
+        latents = initial_latents(self, input_image, denoising_strength, num_inference_steps, height, width, tiled, tile_size, tile_stride, generator)
 
         prompt_emb_posi = self.prompter.encode_prompt(self.text_encoder, prompt, clip_skip=clip_skip, device=self.device, positive=True)
         prompt_emb_nega = None
@@ -181,20 +165,51 @@ class SDImagePipeline:
             image = fit_control_image(controlnet_image, width, height)
             conditionings = self.controlnet.process_image(image).unsqueeze(1)
 
-        timesteps = self.scheduler.timesteps
-        for timestep in track(timesteps, "denoising", len(timesteps), progress_bar_cmd, progress_callback):
-            t = timestep.to(self.device)
-            noise_posi = self.predict_noise(latents, t, prompt_emb_posi, conditionings, tiled, tile_size, tile_stride)
-            if prompt_emb_nega is not None:
-                noise_nega = self.predict_noise(latents, t, prompt_emb_nega, conditionings, tiled, tile_size, tile_stride)
-                noise_pred = noise_nega + cfg_scale * (noise_posi - noise_nega)
-            else:
-                noise_pred = noise_posi
-            latents = self.scheduler.step(noise_pred, timestep, latents)
-            if progress_bar_st is not None:
-                progress_bar_st.progress(float((timesteps == timestep).nonzero()[0, 0] + 1) / len(timesteps))
-
+        predict = lambda x, t, emb: self.predict_noise(x, t, emb, conditionings, tiled, tile_size, tile_stride)  # noqa: E731
+        latents = denoise(self, latents, predict, prompt_emb_posi, prompt_emb_nega, cfg_scale, progress_bar_cmd, progress_callback, progress_bar_st)
         return self.decode_image(latents, tiled, tile_size, tile_stride)
+
+
+def initial_latents(pipe, input_image: Image.Image | None, denoising_strength: float, num_inference_steps: int, height: int, width: int,
+                    tiled: bool, tile_size: int, tile_stride: int, generator: torch.Generator | None) -> torch.Tensor:
+    """Set ``pipe.scheduler``'s timesteps and return the starting latents of an image pipeline.
+
+    Text-to-image: noise ``randn(1, 4, h, w)`` from the CPU RNG (or ``generator``). Image-to-image:
+    the encoded ``input_image`` noised to the first timestep, the noise drawn after the encode (as
+    the original, so a seed gives the original's image).
+    """
+    check_size(height, width)
+    if not 0 < denoising_strength <= 1:
+        raise ValueError(f"denoising_strength must be in (0, 1], got {denoising_strength}")
+    pipe.scheduler.set_timesteps(num_inference_steps, denoising_strength)
+    shape = (1, 4, height // LATENT_FACTOR, width // LATENT_FACTOR)
+    if input_image is None:
+        return draw_noise(shape, generator).to(pipe.device, pipe.torch_dtype)
+    if input_image.size != (width, height):
+        raise ValueError(
+            f"input_image is {input_image.size[0]}x{input_image.size[1]} but width x height is {width}x{height}; "
+            "resize the image or pass its size"
+        )
+    latents = pipe.encode_image(input_image, tiled, tile_size, tile_stride)
+    noise = draw_noise(shape, generator).to(pipe.device, pipe.torch_dtype)
+    return pipe.scheduler.add_noise(latents, noise, pipe.scheduler.timesteps[0])
+
+
+def denoise(pipe, latents: torch.Tensor, predict: Callable, positive, negative, cfg_scale: float,
+            progress_bar_cmd: Callable | None, progress_callback: ProgressCallback | None, progress_bar_st=None) -> torch.Tensor:
+    """The DDIM loop of an image pipeline: ``predict(latents, t, prompt)`` per timestep, classifier-free
+    guidance as two passes (one when ``negative`` is None, i.e. ``cfg_scale == 1``)."""
+    timesteps = pipe.scheduler.timesteps
+    for timestep in track(timesteps, "denoising", len(timesteps), progress_bar_cmd, progress_callback):
+        t = timestep.to(pipe.device)
+        noise_pred = predict(latents, t, positive)
+        if negative is not None:
+            noise_nega = predict(latents, t, negative)
+            noise_pred = noise_nega + cfg_scale * (noise_pred - noise_nega)
+        latents = pipe.scheduler.step(noise_pred, timestep, latents)
+        if progress_bar_st is not None:
+            progress_bar_st.progress(float((timesteps == timestep).nonzero()[0, 0] + 1) / len(timesteps))
+    return latents
 
 
 def build_controlnet_manager(model_manager: ModelManager, units: Sequence[ControlNetConfigUnit], annotator_folder: str) -> MultiControlNetManager | None:

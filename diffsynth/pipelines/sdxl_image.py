@@ -26,10 +26,10 @@ from tqdm import tqdm
 from ..models.model_manager import ModelManager
 from ..models.sdxl_text_encoder import SDXLTextEncoder, SDXLTextEncoder2
 from ..models.sdxl_unet import add_time_ids, is_sdxl_unet_config, sdxl_added_condition
-from ..progress import ProgressCallback, track
+from ..progress import ProgressCallback
 from ..prompts import SDXLPrompter
 from ..schedulers import EnhancedDDIMScheduler
-from .sd_image import LATENT_FACTOR, check_size, draw_noise, preprocess_image, tensor_to_images
+from .sd_image import denoise, initial_latents, preprocess_image, tensor_to_images
 
 
 class SDXLImagePipeline:
@@ -133,40 +133,13 @@ class SDXLImagePipeline:
         ``clip_skip_2`` to the bigG encoder (2 = penultimate). SDXL Turbo: ``num_inference_steps=1,
         cfg_scale=1`` at 512×512. ``tiled`` runs the attention layers and the VAE by tiles (2048² and
         up). ``progress_bar_st`` is accepted for compatibility; UIs pass ``progress_callback``."""
-        check_size(height, width)
-        if not 0 < denoising_strength <= 1:
-            raise ValueError(f"denoising_strength must be in (0, 1], got {denoising_strength}")
-        self.scheduler.set_timesteps(num_inference_steps, denoising_strength)
-        shape = (1, 4, height // LATENT_FACTOR, width // LATENT_FACTOR)
-
-        if input_image is not None:
-            if input_image.size != (width, height):
-                raise ValueError(
-                    f"input_image is {input_image.size[0]}x{input_image.size[1]} but width x height is {width}x{height}; "
-                    "resize the image or pass its size"
-                )
-            latents = self.encode_image(input_image, tiled, tile_size, tile_stride)
-            noise = draw_noise(shape, generator).to(self.device, self.torch_dtype)
-            latents = self.scheduler.add_noise(latents, noise, self.scheduler.timesteps[0])
-        else:
-            latents = draw_noise(shape, generator).to(self.device, self.torch_dtype)
+        latents = initial_latents(self, input_image, denoising_strength, num_inference_steps, height, width, tiled, tile_size, tile_stride, generator)
 
         prompt_posi = self.encode_prompt(prompt, clip_skip, clip_skip_2, True, height, width)
         prompt_nega = None
         if cfg_scale != 1.0:
             prompt_nega = self.encode_prompt(negative_prompt, clip_skip, clip_skip_2, False, height, width)
 
-        timesteps = self.scheduler.timesteps
-        for timestep in track(timesteps, "denoising", len(timesteps), progress_bar_cmd, progress_callback):
-            t = timestep.to(self.device)
-            noise_posi = self.predict_noise(latents, t, prompt_posi, tiled, tile_size, tile_stride)
-            if prompt_nega is not None:
-                noise_nega = self.predict_noise(latents, t, prompt_nega, tiled, tile_size, tile_stride)
-                noise_pred = noise_nega + cfg_scale * (noise_posi - noise_nega)
-            else:
-                noise_pred = noise_posi
-            latents = self.scheduler.step(noise_pred, timestep, latents)
-            if progress_bar_st is not None:
-                progress_bar_st.progress(float((timesteps == timestep).nonzero()[0, 0] + 1) / len(timesteps))
-
+        predict = lambda x, t, emb: self.predict_noise(x, t, emb, tiled, tile_size, tile_stride)  # noqa: E731
+        latents = denoise(self, latents, predict, prompt_posi, prompt_nega, cfg_scale, progress_bar_cmd, progress_callback, progress_bar_st)
         return self.decode_image(latents, tiled, tile_size, tile_stride)
