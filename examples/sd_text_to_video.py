@@ -12,13 +12,27 @@ Model files (paths relative to where you run the script):
       https://huggingface.co/guoyww/animatediff/resolve/main/mm_sd_v15_v2.ckpt
   models/RIFE/flownet.pkl
       https://drive.google.com/file/d/1APIzVeI-4ZZCEuIRE1m6WYfSCaOsi_7_/view?usp=sharing
+
+Options (defaults: the original's settings): --frames 64 --height 512 --width 768
+--image-steps 30 --video-steps 10 --device (default: CUDA if present, else the CPU).
 """
+import argparse
+
 import torch
 
 from diffsynth import ModelManager, SDImagePipeline, SDVideoPipeline, save_video
 from diffsynth.cache import image_store
 from diffsynth.extensions.RIFE import RIFEInterpolater
 from diffsynth.utils.model_files import require_model_files
+
+parser = argparse.ArgumentParser(description="text -> image -> AnimateDiff video -> RIFE x8")
+parser.add_argument("--frames", type=int, default=64)
+parser.add_argument("--height", type=int, default=512)
+parser.add_argument("--width", type=int, default=768)
+parser.add_argument("--image-steps", type=int, default=30)
+parser.add_argument("--video-steps", type=int, default=10)
+parser.add_argument("--device", default=None)
+args = parser.parse_args()
 
 CHECKPOINT = "models/stable_diffusion/dreamshaper_8.safetensors"
 MOTION = "models/AnimateDiff/mm_sd_v15_v2.ckpt"
@@ -29,7 +43,7 @@ require_model_files({
     MOTION: "https://huggingface.co/guoyww/animatediff/resolve/main/mm_sd_v15_v2.ckpt",
 })
 
-model_manager = ModelManager()
+model_manager = ModelManager(device=args.device)
 model_manager.load_models([CHECKPOINT, MOTION, RIFE])
 pipe_image = SDImagePipeline.from_model_manager(model_manager)
 pipe_video = SDVideoPipeline.from_model_manager(model_manager)
@@ -38,14 +52,15 @@ prompt = "lightning storm, sea"
 negative_prompt = ""
 
 torch.manual_seed(0)
-image = pipe_image(prompt=prompt, negative_prompt=negative_prompt, cfg_scale=7.5, num_inference_steps=30, height=512, width=768)
+image = pipe_image(prompt=prompt, negative_prompt=negative_prompt, cfg_scale=7.5, num_inference_steps=args.image_steps,
+                   height=args.height, width=args.width)
 image.save("image.png")
 
 torch.manual_seed(0)
 frames = pipe_video(
     prompt=prompt, negative_prompt=negative_prompt, cfg_scale=7.5,
-    num_frames=64, input_frames=[image] * 64, denoising_strength=0.9,
-    height=512, width=768, num_inference_steps=10,
+    num_frames=args.frames, input_frames=[image] * args.frames, denoising_strength=0.9,
+    height=args.height, width=args.width, num_inference_steps=args.video_steps,
     animatediff_batch_size=16, animatediff_stride=1, vram_limit_level=0,
     output_folder="output/text_to_video",
 )
