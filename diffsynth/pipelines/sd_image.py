@@ -52,18 +52,36 @@ def draw_noise(shape: tuple[int, ...], generator: torch.Generator | None = None)
     return torch.randn(shape, generator=generator, dtype=torch.float32, device="cpu")
 
 
-class SDImagePipeline:
-    """Text-to-image / image-to-image with an SD 1.x model set from a ``ModelManager``."""
+class LatentImagePipeline:
+    """What the SD and SDXL image pipelines share: device/dtype, the DDIM scheduler, the VAE ends."""
 
-    def __init__(self, device: str | torch.device = "cpu", torch_dtype: torch.dtype = torch.float32):
+    def __init__(self, device: str | torch.device, torch_dtype: torch.dtype):
         self.device = torch.device(device)
         self.torch_dtype = torch_dtype
         self.scheduler = EnhancedDDIMScheduler()
-        self.prompter = SDPrompter()
         self.text_encoder = None
         self.unet = None
         self.vae_decoder = None
         self.vae_encoder = None
+
+    def encode_image(self, image: Image.Image, tiled: bool = False, tile_size: int = 64, tile_stride: int = 32) -> torch.Tensor:
+        if self.vae_encoder is None:
+            raise ValueError("img2img needs a VAE encoder, and the loaded checkpoint/VAE has none")
+        x = preprocess_image(image).to(self.device, self.vae_encoder.dtype)
+        return self.vae_encoder(x, tiled=tiled, tile_size=tile_size, tile_stride=tile_stride).to(self.torch_dtype)
+
+    def decode_image(self, latents: torch.Tensor, tiled: bool = False, tile_size: int = 64, tile_stride: int = 32) -> Image.Image:
+        """Decode in the VAE's own dtype (the SDXL VAE stays float32 whatever the pipeline's dtype)."""
+        latents = latents.to(self.device, self.vae_decoder.dtype)
+        return tensor_to_images(self.vae_decoder(latents, tiled=tiled, tile_size=tile_size, tile_stride=tile_stride))[0]
+
+
+class SDImagePipeline(LatentImagePipeline):
+    """Text-to-image / image-to-image with an SD 1.x model set from a ``ModelManager``."""
+
+    def __init__(self, device: str | torch.device = "cpu", torch_dtype: torch.dtype = torch.float32):
+        super().__init__(device, torch_dtype)
+        self.prompter = SDPrompter()
         self.controlnet = None
 
     @staticmethod
@@ -110,16 +128,6 @@ class SDImagePipeline:
                 )
 
     # ------------------------------------------------------------------ pieces
-    def encode_image(self, image: Image.Image, tiled: bool = False, tile_size: int = 64, tile_stride: int = 32) -> torch.Tensor:
-        if self.vae_encoder is None:
-            raise ValueError("img2img needs a VAE encoder, and the loaded checkpoint/VAE has none")
-        x = preprocess_image(image).to(self.device, self.vae_encoder.dtype)
-        return self.vae_encoder(x, tiled=tiled, tile_size=tile_size, tile_stride=tile_stride).to(self.torch_dtype)
-
-    def decode_image(self, latents: torch.Tensor, tiled: bool = False, tile_size: int = 64, tile_stride: int = 32) -> Image.Image:
-        image = self.vae_decoder(latents.to(self.device), tiled=tiled, tile_size=tile_size, tile_stride=tile_stride)
-        return tensor_to_images(image)[0]
-
     def predict_noise(self, latents, timestep, prompt_emb, conditionings, tiled: bool, tile_size: int, tile_stride: int) -> torch.Tensor:
         """ε for ``latents``; ``conditionings`` ``(units, 1, 3, H, W)`` adds the ControlNet residuals."""
         tile = (tile_size, tile_stride) if tiled else None

@@ -28,23 +28,16 @@ from ..models.sdxl_text_encoder import SDXLTextEncoder, SDXLTextEncoder2
 from ..models.sdxl_unet import add_time_ids, is_sdxl_unet_config, sdxl_added_condition
 from ..progress import ProgressCallback
 from ..prompts import SDXLPrompter
-from ..schedulers import EnhancedDDIMScheduler
-from .sd_image import denoise, initial_latents, preprocess_image, tensor_to_images
+from .sd_image import LatentImagePipeline, denoise, initial_latents
 
 
-class SDXLImagePipeline:
+class SDXLImagePipeline(LatentImagePipeline):
     """Text-to-image / image-to-image with an SDXL (base or Turbo) model set from a ``ModelManager``."""
 
     def __init__(self, device: str | torch.device = "cpu", torch_dtype: torch.dtype = torch.float32):
-        self.device = torch.device(device)
-        self.torch_dtype = torch_dtype
-        self.scheduler = EnhancedDDIMScheduler()
+        super().__init__(device, torch_dtype)
         self.prompter = SDXLPrompter()
-        self.text_encoder = None
         self.text_encoder_2 = None
-        self.unet = None
-        self.vae_decoder = None
-        self.vae_encoder = None
 
     @staticmethod
     def from_model_manager(model_manager: ModelManager) -> "SDXLImagePipeline":
@@ -85,16 +78,6 @@ class SDXLImagePipeline:
         self.prompter.fetch_prompt_models(model_manager)
 
     # ------------------------------------------------------------------ pieces
-    def encode_image(self, image: Image.Image, tiled: bool = False, tile_size: int = 64, tile_stride: int = 32) -> torch.Tensor:
-        if self.vae_encoder is None:
-            raise ValueError("img2img needs a VAE encoder, and the loaded checkpoint/VAE has none")
-        x = preprocess_image(image).to(self.device, self.vae_encoder.dtype)
-        return self.vae_encoder(x, tiled=tiled, tile_size=tile_size, tile_stride=tile_stride).to(self.torch_dtype)
-
-    def decode_image(self, latents: torch.Tensor, tiled: bool = False, tile_size: int = 64, tile_stride: int = 32) -> Image.Image:
-        latents = latents.to(self.device, self.vae_decoder.dtype)
-        return tensor_to_images(self.vae_decoder(latents, tiled=tiled, tile_size=tile_size, tile_stride=tile_stride))[0]
-
     def encode_prompt(self, prompt: str, clip_skip: int, clip_skip_2: int, positive: bool, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(context (1, 77k, 2048), added condition (1, adm))`` for one prompt at one size."""
         pooled, context = self.prompter.encode_prompt(
