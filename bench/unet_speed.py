@@ -33,67 +33,22 @@ import time
 import torch
 
 
-def full_sd15_unet_pair(seed: int = 0):
+def unet_pair(model_cls, config, diffusers_config: dict, seed: int = 0):
+    """Our UNet with seeded random weights and diffusers' ``UNet2DConditionModel`` over the same tensors."""
     from diffusers import UNet2DConditionModel
 
     from diffsynth.models.convert import convert_unet_to_diffusers
-    from diffsynth.models.sd_unet import SDUNet, SDUNetConfig
-    from diffsynth.testing.factory import diffusers_unet_config
 
-    config = SDUNetConfig()
     with torch.device("meta"):
-        ours = SDUNet(config)
+        ours = model_cls(config)
     ours = ours.to_empty(device="cpu")
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in ours.parameters():
             p.normal_(0, 0.02, generator=g)
     ours.eval().requires_grad_(False)
-    dcfg = {k: v for k, v in diffusers_unet_config(config).items() if not k.startswith("_")}
     with torch.device("meta"):
-        theirs = UNet2DConditionModel(**dcfg)
-    theirs.load_state_dict(convert_unet_to_diffusers(ours.state_dict(), config), strict=True, assign=True)
-    return ours, theirs.eval().requires_grad_(False)
-
-
-def bench_speed(rounds: int) -> dict:
-    ours, theirs = full_sd15_unet_pair()
-    x = torch.randn(2, 4, 64, 64)
-    ctx = torch.randn(2, 77, 768)
-    t = torch.tensor(500)
-    runs = {"ours": lambda: ours(x, t, ctx), "diffusers": lambda: theirs(x, t.expand(2), encoder_hidden_states=ctx).sample}
-    times = {name: [] for name in runs}
-    with torch.inference_mode():
-        diff = (runs["ours"]() - runs["diffusers"]()).abs().max().item()  # also a warm-up of both
-        for i in range(rounds):
-            order = ["ours", "diffusers"] if i % 2 == 0 else ["diffusers", "ours"]
-            for name in order:
-                start = time.perf_counter()
-                runs[name]()
-                times[name].append(time.perf_counter() - start)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    return {"max_abs_diff": diff, "ours_s": med["ours"], "diffusers_s": med["diffusers"], "ratio": med["ours"] / med["diffusers"], "runs": times}
-
-
-def sdxl_unet_pair(config, seed: int = 0):
-    """Our SDXL UNet with seeded random weights and diffusers' text_time UNet over the same tensors."""
-    from diffusers import UNet2DConditionModel
-
-    from diffsynth.models.convert import convert_unet_to_diffusers
-    from diffsynth.models.sdxl_unet import SDXLUNet
-    from diffsynth.testing.factory import diffusers_sdxl_unet_config
-
-    with torch.device("meta"):
-        ours = SDXLUNet(config)
-    ours = ours.to_empty(device="cpu")
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in ours.parameters():
-            p.normal_(0, 0.02, generator=g)
-    ours.eval().requires_grad_(False)
-    dcfg = {k: v for k, v in diffusers_sdxl_unet_config(config).items() if not k.startswith("_")}
-    with torch.device("meta"):
-        theirs = UNet2DConditionModel(**dcfg)
+        theirs = UNet2DConditionModel(**{k: v for k, v in diffusers_config.items() if not k.startswith("_")})
     theirs.load_state_dict(convert_unet_to_diffusers(ours.state_dict(), config), strict=True, assign=True)
     theirs.eval().requires_grad_(False)
     if theirs.conv_in.weight.data_ptr() != ours.input_blocks[0][0].weight.data_ptr():
@@ -101,15 +56,41 @@ def sdxl_unet_pair(config, seed: int = 0):
     return ours, theirs
 
 
+def time_interleaved(runs: dict, rounds: int) -> dict:
+    """Median seconds of ``runs["ours"]`` and ``runs["diffusers"]`` in A B B A order, their ratio and max difference."""
+    times = {name: [] for name in runs}
+    with torch.inference_mode():
+        diff = (runs["ours"]() - runs["diffusers"]()).abs().max().item()  # also a warm-up of both
+        for i in range(rounds):
+            for name in (["ours", "diffusers"] if i % 2 == 0 else ["diffusers", "ours"]):
+                begin = time.perf_counter()
+                runs[name]()
+                times[name].append(time.perf_counter() - begin)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"max_abs_diff": diff, "ours_s": med["ours"], "diffusers_s": med["diffusers"], "ratio": med["ours"] / med["diffusers"], "runs": times}
+
+
+def bench_speed(rounds: int) -> dict:
+    from diffsynth.models.sd_unet import SDUNet, SDUNetConfig
+    from diffsynth.testing.factory import diffusers_unet_config
+
+    config = SDUNetConfig()
+    ours, theirs = unet_pair(SDUNet, config, diffusers_unet_config(config))
+    x = torch.randn(2, 4, 64, 64)
+    ctx = torch.randn(2, 77, 768)
+    t = torch.tensor(500)
+    return time_interleaved({"ours": lambda: ours(x, t, ctx), "diffusers": lambda: theirs(x, t.expand(2), encoder_hidden_states=ctx).sample}, rounds)
+
+
 def bench_sdxl_speed(rounds: int, reduced: bool) -> dict:
-    from diffsynth.models.sdxl_unet import SDXL_UNET_CONFIG, add_time_ids, sdxl_added_condition
-    from diffsynth.testing.factory import TINY_SDXL_TEXT_2, TINY_SDXL_UNET
+    from diffsynth.models.sdxl_unet import SDXL_UNET_CONFIG, SDXLUNet, add_time_ids, sdxl_added_condition
+    from diffsynth.testing.factory import TINY_SDXL_TEXT_2, TINY_SDXL_UNET, diffusers_sdxl_unet_config
 
     config = TINY_SDXL_UNET if reduced else SDXL_UNET_CONFIG
     pooled_dim = TINY_SDXL_TEXT_2.projection_dim if reduced else 1280
     size = 8 if reduced else 64
     start = time.perf_counter()
-    ours, theirs = sdxl_unet_pair(config)
+    ours, theirs = unet_pair(SDXLUNet, config, diffusers_sdxl_unet_config(config))
     built = time.perf_counter() - start
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 4, size, size, generator=g)
@@ -122,17 +103,8 @@ def bench_sdxl_speed(rounds: int, reduced: bool) -> dict:
         "ours": lambda: ours(x, t, ctx, y=y),
         "diffusers": lambda: theirs(x, t.expand(2), encoder_hidden_states=ctx, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample,
     }
-    times = {name: [] for name in runs}
-    with torch.inference_mode():
-        diff = (runs["ours"]() - runs["diffusers"]()).abs().max().item()  # also a warm-up of both
-        for i in range(rounds):
-            for name in (["ours", "diffusers"] if i % 2 == 0 else ["diffusers", "ours"]):
-                begin = time.perf_counter()
-                runs[name]()
-                times[name].append(time.perf_counter() - begin)
-    med = {k: statistics.median(v) for k, v in times.items()}
     params = sum(p.numel() for p in ours.parameters())
-    return {"params": params, "build_s": built, "max_abs_diff": diff, "ours_s": med["ours"], "diffusers_s": med["diffusers"], "ratio": med["ours"] / med["diffusers"], "runs": times, "latent": size}
+    return {"params": params, "build_s": built, "latent": size, **time_interleaved(runs, rounds)}
 
 
 _LOAD_CHILD = r"""
@@ -173,6 +145,12 @@ def bench_load(dtype: str) -> dict:
     return {"file_bytes": size, "param_bytes": r["param_bytes"], "peak_growth_bytes": growth, "ratio": growth / r["param_bytes"], "write_s": written}
 
 
+def print_timing(s: dict) -> None:
+    print(f"  ours      median {s['ours_s']:.2f} s  runs {[round(v, 2) for v in s['runs']['ours']]}")
+    print(f"  diffusers median {s['diffusers_s']:.2f} s  runs {[round(v, 2) for v in s['runs']['diffusers']]}")
+    print(f"  time ratio ours/diffusers = {s['ratio']:.3f}  (target <= 1.0)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3)
@@ -188,16 +166,12 @@ def main() -> None:
         which = "tiny test config" if args.reduced else "full config"
         print(f"UNet SDXL ({which}, {s['params'] / 1e9:.2f} B parameters, built in {s['build_s']:.1f} s) fp32 CPU, batch 2, "
               f"{s['latent']}x{s['latent']} latent, {args.rounds} interleaved rounds (max |diff| {s['max_abs_diff']:.1e}):")
-        print(f"  ours      median {s['ours_s']:.2f} s  runs {[round(v, 2) for v in s['runs']['ours']]}")
-        print(f"  diffusers median {s['diffusers_s']:.2f} s  runs {[round(v, 2) for v in s['runs']['diffusers']]}")
-        print(f"  time ratio ours/diffusers = {s['ratio']:.3f}  (target <= 1.0)")
+        print_timing(s)
         return
     if not args.skip_speed:
         s = bench_speed(args.rounds)
         print(f"UNet SD1.5 fp32 CPU, batch 2, 64x64 latent, {args.rounds} interleaved rounds (max |diff| {s['max_abs_diff']:.1e}):")
-        print(f"  ours      median {s['ours_s']:.2f} s  runs {[round(v, 2) for v in s['runs']['ours']]}")
-        print(f"  diffusers median {s['diffusers_s']:.2f} s  runs {[round(v, 2) for v in s['runs']['diffusers']]}")
-        print(f"  time ratio ours/diffusers = {s['ratio']:.3f}  (target <= 1.0)")
+        print_timing(s)
     if not args.skip_load:
         r = bench_load(args.dtype)
         print(f"Loading a full-size SD1.5 checkpoint ({args.dtype}, {r['file_bytes'] / 2**30:.2f} GiB file) with ModelManager:")
