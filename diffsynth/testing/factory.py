@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -195,21 +195,23 @@ def clip_text_hf_config(c: CLIPTextConfig) -> dict:
 def write_diffusers_folder(path: str, seed: int = 0, dtype: str = "fp32", configs: TinySD = TinySD()) -> str:
     """A diffusers pipeline folder (``unet/``, ``vae/``, ``text_encoder/`` with config.json files)."""
     parts = build_sd_state_dicts(seed, configs)
-    d = DTYPES[dtype]
     items = {
         "unet": (convert.convert_unet_to_diffusers(parts["unet"], configs.unet), diffusers_unet_config(configs.unet), "diffusion_pytorch_model.safetensors"),
         "vae": (convert.convert_vae_to_diffusers(parts["vae"], configs.vae), diffusers_vae_config(configs.vae), "diffusion_pytorch_model.safetensors"),
         "text_encoder": (parts["text_encoder"], clip_text_hf_config(configs.text), "model.safetensors"),
     }
+    index = {"unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"]}
+    return _write_pipeline_folder(path, items, DTYPES[dtype], "StableDiffusionPipeline", index)
+
+
+def _write_pipeline_folder(path: str, items: dict, dtype, class_name: str, index: dict) -> str:
+    """Component folders ``path/<sub>/`` (config.json + weights) and ``model_index.json``."""
     for sub, (sd, config, weights) in items.items():
         folder = os.path.join(path, sub)
         os.makedirs(folder, exist_ok=True)
         atomic_write_text(os.path.join(folder, "config.json"), json.dumps(config, indent=2))
-        atomic_save_safetensors(_cast(sd, d), os.path.join(folder, weights))
-    atomic_write_text(
-        os.path.join(path, "model_index.json"),
-        json.dumps({"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"]}, indent=2),
-    )
+        atomic_save_safetensors(_cast(sd, dtype), os.path.join(folder, weights))
+    atomic_write_text(os.path.join(path, "model_index.json"), json.dumps({"_class_name": class_name, **index}, indent=2))
     return path
 
 
@@ -379,27 +381,19 @@ def clip_text_2_hf_config(c: OpenCLIPTextConfig) -> dict:
 def write_sdxl_diffusers_folder(path: str, seed: int = 0, dtype: str = "fp32", configs: TinySDXL = TinySDXL()) -> str:
     """A diffusers SDXL pipeline folder (``unet/``, ``vae/``, ``text_encoder/``, ``text_encoder_2/``)."""
     parts = build_sdxl_state_dicts(seed, configs)
-    d = DTYPES[dtype]
     items = {
         "unet": (convert.convert_unet_to_diffusers(parts["unet"], configs.unet), diffusers_sdxl_unet_config(configs.unet), "diffusion_pytorch_model.safetensors"),
         "vae": (convert.convert_vae_to_diffusers(parts["vae"], configs.vae), diffusers_vae_config(configs.vae), "diffusion_pytorch_model.safetensors"),
         "text_encoder": (parts["text_encoder"], clip_text_hf_config(configs.text), "model.safetensors"),
         "text_encoder_2": (parts["text_encoder_2"], clip_text_2_hf_config(configs.text_2), "model.safetensors"),
     }
-    for sub, (sd, config, weights) in items.items():
-        folder = os.path.join(path, sub)
-        os.makedirs(folder, exist_ok=True)
-        atomic_write_text(os.path.join(folder, "config.json"), json.dumps(config, indent=2))
-        atomic_save_safetensors(_cast(sd, d), os.path.join(folder, weights))
     index = {
-        "_class_name": "StableDiffusionXLPipeline",
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
         "text_encoder": ["transformers", "CLIPTextModel"],
         "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
     }
-    atomic_write_text(os.path.join(path, "model_index.json"), json.dumps(index, indent=2))
-    return path
+    return _write_pipeline_folder(path, items, DTYPES[dtype], "StableDiffusionXLPipeline", index)
 
 
 def sdxl_lora_targets(configs: TinySDXL = TinySDXL()) -> dict[str, tuple[int, int, tuple[int, ...]]]:
