@@ -24,10 +24,23 @@ def _first(items: list[str], n: int = 5) -> str:
 
 def check_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], source: str, what: str) -> None:
     """Raise ``ModelFileError`` listing missing, unexpected and mis-shaped keys."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    check_layout({k: tuple(v.shape) for k, v in model.state_dict().items()}, sd, source, what)
+
+
+def check_layout(
+    expected: dict[str, tuple[int, ...]],
+    sd: dict[str, torch.Tensor],
+    source: str,
+    what: str,
+    remedy: str = "The file may be truncated, of another model family, or a variant this program does not support.",
+    expected_label: str = "model",
+) -> None:
+    """Strict key/shape check of ``sd`` against ``expected`` shapes; ``ModelFileError`` listing the first offenders."""
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
-    misshaped = sorted(f"{k} (file {tuple(sd[k].shape)}, model {expected[k]})" for k in set(expected) & set(sd) if tuple(sd[k].shape) != expected[k])
+    misshaped = sorted(
+        f"{k} (file {tuple(sd[k].shape)}, {expected_label} {expected[k]})" for k in set(expected) & set(sd) if tuple(sd[k].shape) != expected[k]
+    )
     if missing or unexpected or misshaped:
         parts = []
         if missing:
@@ -36,11 +49,7 @@ def check_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], source: str,
             parts.append(f"{len(unexpected)} unexpected keys: {_first(unexpected)}")
         if misshaped:
             parts.append(f"{len(misshaped)} keys with the wrong shape: {_first(misshaped, 3)}")
-        raise ModelFileError(
-            source,
-            f"does not hold a complete {what}: " + "; ".join(parts) + ".",
-            "The file may be truncated, of another model family, or a variant this program does not support.",
-        )
+        raise ModelFileError(source, f"does not hold a complete {what}: " + "; ".join(parts) + ".", remedy)
 
 
 def infer_config(infer: Callable[[dict], object], sd: dict[str, torch.Tensor], *, source: str, what: str):

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from ...models.errors import ModelFileError
-from ...models.loading import infer_config, instantiate
+from ...models.loading import check_layout, infer_config, instantiate
 from ...models.state_dict import load_state_dict
 from .base import require_annotator_file
 from .midas_convert import (
@@ -112,29 +112,6 @@ def dpt_depth(model, pixel_values: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- loading
-
-
-def _check_layout(expected: dict[str, tuple[int, ...]], sd: dict[str, torch.Tensor], path: str) -> None:
-    """Strict key/shape check in the file's own (MiDaS) names; ``ModelFileError`` listing the first offenders."""
-    def first(items: list[str], n: int = 5) -> str:
-        return ", ".join(items[:n]) + (f" … (+{len(items) - n} more)" if len(items) > n else "")
-
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    misshaped = sorted(f"{k} (file {tuple(sd[k].shape)}, expected {expected[k]})" for k in set(expected) & set(sd) if tuple(sd[k].shape) != expected[k])
-    if missing or unexpected or misshaped:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys: {first(missing)}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys: {first(unexpected)}")
-        if misshaped:
-            parts.append(f"{len(misshaped)} keys with the wrong shape: {first(misshaped, 3)}")
-        raise ModelFileError(
-            path,
-            "does not hold a complete MiDaS DPT-hybrid network: " + "; ".join(parts) + ".",
-            f"Download {MIDAS_FILENAME} again from https://huggingface.co/lllyasviel/Annotators.",
-        )
 
 
 def _prefixes(keys, n: int = 8) -> str:
@@ -219,7 +196,8 @@ class DepthDetector:
                 "(DPT-Large and MiDaS v2.1 files are not supported).",
             )
         cfg: MidasHybridConfig = infer_config(infer_midas_config, sd, source=path, what="MiDaS DPT-hybrid network")
-        _check_layout(midas_layout(cfg), sd, path)
+        check_layout(midas_layout(cfg), sd, path, "MiDaS DPT-hybrid network",
+                     f"Download {MIDAS_FILENAME} again from https://huggingface.co/lllyasviel/Annotators.", expected_label="expected")
         converted = convert_midas_state_dict(sd, cfg)
         model = instantiate(
             lambda: DPTForDepthEstimation(to_dpt_config(cfg)), converted, source=path, what="DPT-hybrid depth network", device=device, dtype=dtype
