@@ -457,9 +457,10 @@ def _component_of_config(config_json: dict, source: str) -> str:
         "CLIPTextModel": "text_encoder",
         "CLIPTextModelWithProjection": "text_encoder_2",
         "ControlNetModel": "controlnet",
-        "MarianMTModel": "translator",  # loaded by the early branch of _load_diffusers_folder
-        "BloomForCausalLM": "beautiful_prompt",
     }
     if cls not in table:
-        raise ModelFileError(source, f"is a diffusers/transformers folder of class {cls!r}.", f"Supported component classes: {', '.join(table)}.")
+        from ..prompts.prompt_models import PROMPT_MODEL_CLASSES  # folders of these load before this table is asked
+
+        supported = ", ".join([*table, *PROMPT_MODEL_CLASSES])
+        raise ModelFileError(source, f"is a diffusers/transformers folder of class {cls!r}.", f"Supported component classes: {supported}.")
     return table[cls]
