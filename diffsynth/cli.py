@@ -9,6 +9,8 @@ from collections import Counter
 
 import torch
 
+from .utils.sizes import count_frame_files, human_bytes, path_bytes
+
 
 def _parse_dtype(name: str | None) -> torch.dtype | None:
     table = {None: None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -140,26 +142,6 @@ _FINAL = ("frames", "video.mp4")
 _RUN_FILES = ("manifest.json", "last_process_id.txt")
 
 
-def _bytes(path: str) -> int:
-    if os.path.isfile(path):
-        return os.path.getsize(path)
-    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
-
-
-def _count_items(folder: str) -> int:
-    """Committed per-frame files in ``folder`` (``000012.png``, ``000012.npy``; temporary files excluded)."""
-    if not os.path.isdir(folder):
-        return 0
-    return sum(1 for name in os.listdir(folder) if name.split(".")[0].isdigit() and not name.startswith("."))
-
-
-def _human(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
 
 def stage_table(out: str, config: dict | None = None, check_keys: bool = True) -> dict:
     """What ``diffsynth status`` shows: per stage its status, frames done, bytes on disk and whether its key is valid.
@@ -218,24 +200,24 @@ def stage_table(out: str, config: dict | None = None, check_keys: bool = True) -
             units = len((config or {}).get("models", {}).get("controlnet_units", []))
             if not units:
                 return "-"
-            return f"{sum(_count_items(os.path.join(out, 'controlnet_caches', str(k))) for k in range(units))}/{n * units}"
+            return f"{sum(count_frame_files(os.path.join(out, 'controlnet_caches', str(k))) for k in range(units))}/{n * units}"
         if sid == 4:
             done = record.get("steps_done", 0)
             if record.get("status") == "done":
                 return f"{done}/{steps} steps"
-            partial = _count_items(os.path.join(latents, f"step_{done + 1:03d}"))
+            partial = count_frame_files(os.path.join(latents, f"step_{done + 1:03d}"))
             return f"{done}/{steps} steps" + (f", {partial}/{n} of step {done + 1}" if partial else "")
         if sid in (2, 9) or (sid == 8 and not final_smoothing):
             return "-"
         folder = folders[sid][0] if folders[sid] else None
         if folder is None or not os.path.isdir(os.path.join(out, folder)):
             return "-"
-        return f"{_count_items(os.path.join(out, folder))}/{n}"
+        return f"{count_frame_files(os.path.join(out, folder))}/{n}"
 
     rows = []
     for sid, name in STAGES:
         record = manifest.data["stages"].get(str(sid), {})
-        size = sum(_bytes(os.path.join(out, f)) for f in folders[sid] if os.path.exists(os.path.join(out, f)))
+        size = sum(path_bytes(os.path.join(out, f)) for f in folders[sid] if os.path.exists(os.path.join(out, f)))
         status = {"done": "done", "running": "partial"}.get(record.get("status"), "pending")
         if status == "pending" and size:
             status = "partial"
@@ -245,16 +227,16 @@ def stage_table(out: str, config: dict | None = None, check_keys: bool = True) -
         if status == "done" and not size and not note and folders[sid]:
             note = "consumed by denoising" if sid == 3 else "files deleted once used"
         rows.append({"id": sid, "name": name, "status": status, "frames": frames_done(sid, record), "bytes": size, "key": key, "note": note})
-    return {"out": out, "frames": n, "rows": rows, "last_done": manifest.last_done(), "key_problem": key_problem, "total_bytes": _bytes(out)}
+    return {"out": out, "frames": n, "rows": rows, "last_done": manifest.last_done(), "key_problem": key_problem, "total_bytes": path_bytes(out)}
 
 
 def format_stage_table(table: dict) -> str:
     lines = [f"{table['out']}: {table['frames'] if table['frames'] is not None else '?'} frames, "
-             f"last finished stage {table['last_done']} (last_process_id.txt), {_human(table['total_bytes'])} on disk"]
+             f"last finished stage {table['last_done']} (last_process_id.txt), {human_bytes(table['total_bytes'])} on disk"]
     header = f"{'id':>2}  {'stage':<24} {'status':<8} {'frames':<26} {'disk':>10}  {'key':<6} note"
     lines += [header, "-" * len(header)]
     for r in table["rows"]:
-        lines.append(f"{r['id']:>2}  {r['name']:<24} {r['status']:<8} {r['frames']:<26} {_human(r['bytes']):>10}  {r['key']:<6} {r['note']}".rstrip())
+        lines.append(f"{r['id']:>2}  {r['name']:<24} {r['status']:<8} {r['frames']:<26} {human_bytes(r['bytes']):>10}  {r['key']:<6} {r['note']}".rstrip())
     if table["key_problem"]:
         lines.append(f"keys not checked: {table['key_problem']}")
     return "\n".join(lines)
@@ -285,11 +267,11 @@ def cmd_clean(args: argparse.Namespace) -> int:
         path = os.path.join(out, name)
         if not os.path.exists(path):
             continue
-        freed += _bytes(path)
+        freed += path_bytes(path)
         shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
         print(f"removed {path}")
     kept = "frames/, video.mp4, config.json and manifest.json" if args.keep_final else "config.json"
-    print(f"freed {_human(freed)}; kept {kept}")
+    print(f"freed {human_bytes(freed)}; kept {kept}")
     return 0
 
 

@@ -40,6 +40,7 @@ import urllib.request
 from typing import Callable, Iterable
 
 from .progress import ProgressCallback, ProgressEvent
+from .utils.sizes import human_bytes
 
 logger = logging.getLogger("diffsynth")
 
@@ -206,13 +207,7 @@ def _partial_paths(dest: str) -> tuple[str, str]:
 
 
 def _human(n: int | None) -> str:
-    if n is None:
-        return "unknown size"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
+    return "unknown size" if n is None else human_bytes(n)
 
 
 def _sha256_of(path: str, upto: int | None = None) -> "hashlib._Hash":

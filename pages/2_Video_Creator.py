@@ -7,7 +7,8 @@ import streamlit as st
 
 from diffsynth.controlnets.annotators import PROCESSOR_IDS
 from diffsynth.webui.choices import CUSTOM_SIZE, SIZE_PRESETS, available_devices, guess_processor, model_files, snap_to_8
-from diffsynth.webui.runs import (RunInfo, cancel_render, human_bytes, list_runs, read_worker_record, render_processes, rendering_processes,
+from diffsynth.utils.sizes import human_bytes
+from diffsynth.webui.runs import (RunInfo, cancel_render, list_runs, read_worker_record, render_processes, rendering_processes,
                                   run_info, start_render, write_run_config)
 from diffsynth.webui.video_form import ControlNetUnitForm, VideoForm, build_video_config
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from diffsynth.pipelines.runner import _human
+from diffsynth.utils.sizes import human_bytes
 from diffsynth.testing.crash_child import ForkServer
 from diffsynth.testing.runner_files import write_tiny_project
 from diffsynth.utils.atomic import is_temp_name
@@ -248,7 +248,7 @@ def test_a_full_disk_stops_with_a_clear_message_and_the_rerun_completes(server, 
     assert found, message
     index, size, folder, _, left, per_file = found.groups()
     latent_bytes = os.path.getsize(os.path.join(reference.out, "latents", "step_002", "000000.npy"))
-    assert size == per_file == _human(latent_bytes), message
+    assert size == per_file == human_bytes(latent_bytes), message
     assert os.path.dirname(folder) == os.path.join(out, "latents") and int(left) == 8 - int(index), message
     assert "free now" in message, message
     manifest = json.load(open(os.path.join(out, "manifest.json")))

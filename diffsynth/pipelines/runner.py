@@ -47,6 +47,7 @@ from ..prompts import BeautifulPrompt
 from ..prompts.prompt_models import prompt_model_component
 from ..schedulers.ddim import ddim_timesteps
 from ..utils.atomic import DiskFullError, atomic_save_safetensors, atomic_write_text, is_temp_name
+from ..utils.sizes import count_frame_files, human_bytes, path_bytes
 from .sd_video import SDVideoPipeline, VideoFrames, WindowJournal, _put_all, _remove_store, sliding_windows
 
 logger = logging.getLogger("diffsynth")
@@ -192,7 +193,7 @@ class _SmootherStages:
         manifest, keys, progress, out = self.target
         for sid in range(6, stage_id):
             if not manifest.is_done(sid, keys[sid]):
-                manifest.finish(sid, keys[sid], bytes=_folder_bytes(os.path.join(out, "smoother", _PASS_FOLDERS[sid])))
+                manifest.finish(sid, keys[sid], bytes=path_bytes(os.path.join(out, "smoother", _PASS_FOLDERS[sid])))
             progress.finish_stage(sid)
         if self.current != stage_id:
             self.current = stage_id
@@ -224,19 +225,6 @@ def _weights_identity(folder: str) -> dict | None:
     return identity
 
 
-def _folder_bytes(folder: str) -> int:
-    if not os.path.isdir(folder):
-        return 0
-    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(folder) for f in files)
-
-
-def _count_committed(folder: str) -> int:
-    """Per-frame files committed in ``folder`` (``000012.png``; temporary files excluded)."""
-    if not os.path.isdir(folder):
-        return 0
-    return sum(1 for name in os.listdir(folder) if name.split(".")[0].isdigit())
-
-
 def _load_embeddings(path: str) -> dict | None:
     """The cached prompt embeddings, or None (with a warning, the file deleted) when unusable."""
     from safetensors import SafetensorError
@@ -254,14 +242,6 @@ def _load_embeddings(path: str) -> dict | None:
     return None
 
 
-def _human(n: float) -> str:
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
 def _io_error(where: str, out: str, exc: OSError, num_frames: int | None = None) -> RunError:
     """The message of a run stopped by an I/O error; a full disk gets the folder, the bytes and what is still needed."""
     remedy = "run the same config again: finished work is kept and the run continues."
@@ -272,17 +252,17 @@ def _io_error(where: str, out: str, exc: OSError, num_frames: int | None = None)
     nbytes = exc.nbytes if isinstance(exc, DiskFullError) else None
     writing = os.path.basename(path) if path else "a file"
     if nbytes is not None:
-        writing += f" ({_human(nbytes)} written of it when the disk filled)"
+        writing += f" ({human_bytes(nbytes)} written of it when the disk filled)"
     # What the folder being written still needs: its missing frame files at the size of those committed.
     need = ""
     if num_frames and path and os.path.basename(path).split(".")[0].isdigit():
-        committed = _count_committed(folder)
-        per_file = _folder_bytes(folder) / committed if committed else (nbytes or 0)
+        committed = count_frame_files(folder)
+        per_file = path_bytes(folder) / committed if committed else (nbytes or 0)
         left = max(num_frames - committed, 1)
         if per_file:
-            need = f"; that folder still needs about {_human(per_file * left)} ({left} more frame files of ~{_human(per_file)})"
+            need = f"; that folder still needs about {human_bytes(per_file * left)} ({left} more frame files of ~{human_bytes(per_file)})"
     try:
-        free = f"{_human(shutil.disk_usage(folder if os.path.isdir(folder) else out).free)} free now"
+        free = f"{human_bytes(shutil.disk_usage(folder if os.path.isdir(folder) else out).free)} free now"
     except OSError as usage_error:
         free = f"free space unknown: {usage_error}"
     return RunError(f"{where} stopped: {os.strerror(exc.errno)} ({free}) while writing {writing} into {folder}{need}. "
@@ -651,15 +631,15 @@ class SDVideoPipelineRunner:
                 done[sid] = weight
             elif manifest.key_of(sid) == keys[sid]:  # partial, under the same key
                 if sid == 0:
-                    done[sid] = _count_committed(os.path.join(out, "source_images"))
+                    done[sid] = count_frame_files(os.path.join(out, "source_images"))
                 elif sid == 1:
                     units = len(plan["config"]["models"].get("controlnet_units", []))
-                    done[sid] = sum(_count_committed(os.path.join(out, "controlnet_caches", str(k))) for k in range(units))
+                    done[sid] = sum(count_frame_files(os.path.join(out, "controlnet_caches", str(k))) for k in range(units))
                 elif sid == 4:
                     steps = manifest.data["stages"]["4"].get("steps_done", 0)
                     done[sid] = steps * weight // max(denoising_plan(plan["config"]["pipeline"]["pipeline_inputs"], n)["steps"], 1)
                 elif sid in _PASS_FOLDERS:  # stage 8 rewrites frames/ whole: a partial one counts nothing
-                    done[sid] = _count_committed(os.path.join(out, "smoother", _PASS_FOLDERS[sid]))
+                    done[sid] = count_frame_files(os.path.join(out, "smoother", _PASS_FOLDERS[sid]))
         return done
 
     def _load_pipeline(self, config: dict) -> tuple[SDVideoPipeline, ModelManager]:

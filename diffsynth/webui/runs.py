@@ -271,12 +271,6 @@ def log_tail(out: str, lines: int = 30) -> str:
     return "\n".join(line.rsplit("\r", 1)[-1] for line in text.splitlines()[-lines:])
 
 
-def human_bytes(n: int) -> str:
-    from ..cli import _human  # one format with `diffsynth status`
-
-    return _human(n)
-
-
 def run_info(out: str, check_keys: bool = False, scan: dict[str, list[psutil.Process]] | None = None) -> RunInfo:
     """Everything a page shows about the render in ``out``, read from the folder and the process table
     (``scan``: a ``rendering_processes()`` to reuse)."""

@@ -1,0 +1,28 @@
+"""Bytes on disk and how they are shown: one format for `diffsynth status`, the runner's errors,
+downloads and the WebUI."""
+from __future__ import annotations
+
+import os
+
+
+def human_bytes(n: float) -> str:
+    """``1536`` → ``"1.5 KiB"``; whole bytes below 1 KiB, GiB the largest unit."""
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.0f} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def path_bytes(path: str) -> int:
+    """Size of a file, or of every file under a folder (0 when it does not exist)."""
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
+
+
+def count_frame_files(folder: str) -> int:
+    """Committed per-frame files in ``folder`` (``000012.png``, ``000012.npy``; temporary files excluded)."""
+    if not os.path.isdir(folder):
+        return 0
+    return sum(1 for name in os.listdir(folder) if name.split(".")[0].isdigit() and not name.startswith("."))
