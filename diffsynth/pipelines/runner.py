@@ -214,6 +214,13 @@ class _SmootherStages:
         self.counted[stage_id] = event.done
 
 
+def _reports_passes(entry) -> bool:
+    """A ``smoother_configs`` entry whose passes become stages 6-7: a fast-mode FastBlend that reports to no one else."""
+    options = (entry.get("config") or {}) if isinstance(entry, dict) else {}
+    return (isinstance(entry, dict) and entry.get("processor_type") == "FastBlend"
+            and options.get("inference_mode", "fast") == "fast" and "progress_callback" not in options)
+
+
 _WEIGHT_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin", ".safetensors", ".onnx", ".json")
 
 
@@ -658,10 +665,7 @@ class SDVideoPipelineRunner:
     @staticmethod
     def smoother_has_passes(config: dict) -> bool:
         """Whether the final smoothing has stages 6-7 of its own: the chain holds a fast-mode FastBlend (see ``_load_smoother``)."""
-        return any(isinstance(entry, dict) and entry.get("processor_type") == "FastBlend"
-                   and (entry.get("config") or {}).get("inference_mode", "fast") == "fast"
-                   and "progress_callback" not in (entry.get("config") or {})
-                   for entry in config.get("smoother_configs") or [])
+        return any(_reports_passes(entry) for entry in config.get("smoother_configs") or [])
 
     @staticmethod
     def _load_smoother(config: dict, model_manager: ModelManager, stages: _SmootherStages) -> tuple[Any, bool]:
@@ -689,7 +693,7 @@ class SDVideoPipelineRunner:
                     options["cache_folder"] = out if not owns_cache else os.path.join(out, "smoother", f"processor_{k}")
                     owns_cache = True
                 options.setdefault("keep_partials", config["data"].get("keep_intermediates", False))
-                if not stages.installed and options.get("inference_mode", "fast") == "fast" and "progress_callback" not in options:
+                if not stages.installed and _reports_passes(entry):
                     options["progress_callback"] = stages
                     stages.installed = True
                 entry["config"] = options
