@@ -30,7 +30,17 @@ def cmd_info(args: argparse.Namespace) -> int:
         ModelManager(device="cpu").identify(args.file)
         print(f"{args.file}: diffusers model folder")
         return 0
+    from .controlnets.annotators.files import identify_annotator_file
+
     header = read_header(args.file)
+    annotator = identify_annotator_file(header)
+    if annotator is not None:
+        count = sum(_numel(shape) for shape, _ in header.values())
+        print(f"file:       {args.file}")
+        print(f"family:     annotator weights: {annotator.description}, read by the {annotator.processor!r} ControlNet processor "
+              f"from models.annotator_folder as {annotator.filename}")
+        print(f"parameters: {count:,} in {len(header)} tensors")
+        return 0
     kind = detect(header, source=args.file)
     count = sum(_numel(shape) for shape, _ in header.values())
     dtypes = Counter(str(dtype).removeprefix("torch.") for _, dtype in header.values())
@@ -107,13 +117,14 @@ def load_config(path: str) -> dict:
     return config
 
 
-def _render(config: dict, rerun_hint: str) -> int:
+def _render(config: dict, rerun_hint: str, config_dir: str | None = None) -> int:
     """Run the video runner with a progress bar; on Ctrl-C or a stopped run, say how to continue."""
+    from .pipelines.config_paths import resolve_path
     from .pipelines.runner import RunError, SDVideoPipelineRunner
 
-    out = config["data"]["output_folder"]
+    out = resolve_path(config["data"]["output_folder"], config_dir)[0]
     try:
-        SDVideoPipelineRunner().run(config)
+        frames = SDVideoPipelineRunner().run(config, config_dir=config_dir)
     except KeyboardInterrupt:
         print(f"\ninterrupted. Finished work is kept in {out}; {rerun_hint} to continue where it stopped "
               f"(`diffsynth status {out}` shows what is done).", file=sys.stderr)
@@ -121,17 +132,14 @@ def _render(config: dict, rerun_hint: str) -> int:
     except RunError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    print(f"done: {len(frames)} frames in {os.path.join(out, 'frames')}, {os.path.join(out, 'video.mp4')}")
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Render a video from a runner config; rerunning the same config resumes."""
     config = load_config(args.config)
-    code = _render(config, f"run `diffsynth run {args.config}` again")
-    if code == 0:
-        out = config["data"]["output_folder"]
-        print(f"done: {os.path.join(out, 'frames')}, {os.path.join(out, 'video.mp4')}")
-    return code
+    return _render(config, f"run `diffsynth run {args.config}` again", config_dir=os.path.dirname(os.path.abspath(args.config)))
 
 
 # Where each stage's files live, relative to the output folder (runner.py and sd_video.py's layout).
@@ -143,7 +151,7 @@ _RUN_FILES = ("manifest.json", "last_process_id.txt")
 
 
 
-def stage_table(out: str, config: dict | None = None, check_keys: bool = True) -> dict:
+def stage_table(out: str, config: dict | None = None, check_keys: bool = True, config_dir: str | None = None) -> dict:
     """What ``diffsynth status`` shows: per stage its status, frames done, bytes on disk and whether its key is valid.
 
     ``config`` defaults to ``out/config.json``, the config of the last run; the keys are
@@ -151,6 +159,8 @@ def stage_table(out: str, config: dict | None = None, check_keys: bool = True) -
     manifest recorded: ``stale`` means a rerun of that config recomputes the stage.
     ``check_keys=False`` skips that (the key column shows ``-``): opening a long input video
     counts its frames by decoding, too slow for a page that refreshes every few seconds.
+    Relative paths in ``config`` resolve against ``config_dir`` first (default: ``out`` when
+    the config is ``out/config.json``), then the working directory, as ``diffsynth run`` does.
     """
     import json
 
@@ -163,6 +173,7 @@ def stage_table(out: str, config: dict | None = None, check_keys: bool = True) -
     if config is None and os.path.isfile(os.path.join(out, "config.json")):
         with open(os.path.join(out, "config.json"), encoding="utf-8") as f:
             config = json.load(f)
+        config_dir = out
     keys, key_problem, n = None, None, manifest.data["stages"].get("0", {}).get("frames")
     if config is not None and not check_keys and n is None:
         spec = config.get("data", {}).get("input_frames") or {}
@@ -170,7 +181,7 @@ def stage_table(out: str, config: dict | None = None, check_keys: bool = True) -
             n = spec["end_frame_id"] - (spec.get("start_frame_id") or 0)
     if config is not None and check_keys:
         try:
-            plan = SDVideoPipelineRunner(progress_bar_cmd=None).prepare(config)
+            plan = SDVideoPipelineRunner(progress_bar_cmd=None).prepare(config, config_dir)
             keys, n = SDVideoPipelineRunner.stage_keys(plan), plan["num_frames"]
         except (ValueError, OSError) as exc:
             key_problem = str(exc)
@@ -227,7 +238,10 @@ def stage_table(out: str, config: dict | None = None, check_keys: bool = True) -
         if status == "done" and not size and not note and folders[sid]:
             note = "consumed by denoising" if sid == 3 else "files deleted once used"
         rows.append({"id": sid, "name": name, "status": status, "frames": frames_done(sid, record), "bytes": size, "key": key, "note": note})
-    return {"out": out, "frames": n, "rows": rows, "last_done": manifest.last_done(), "key_problem": key_problem, "total_bytes": path_bytes(out)}
+    previous = os.path.join(out, "previous")
+    kept = [os.path.join(previous, d) for d in sorted(os.listdir(previous)) if not d.startswith(".")] if os.path.isdir(previous) else []
+    return {"out": out, "frames": n, "rows": rows, "last_done": manifest.last_done(), "key_problem": key_problem, "total_bytes": path_bytes(out),
+            "previous": [{"path": p, "bytes": path_bytes(p)} for p in kept]}
 
 
 def format_stage_table(table: dict) -> str:
@@ -239,12 +253,14 @@ def format_stage_table(table: dict) -> str:
         lines.append(f"{r['id']:>2}  {r['name']:<24} {r['status']:<8} {r['frames']:<26} {human_bytes(r['bytes']):>10}  {r['key']:<6} {r['note']}".rstrip())
     if table["key_problem"]:
         lines.append(f"keys not checked: {table['key_problem']}")
+    for kept in table.get("previous", []):
+        lines.append(f"previous render kept: {kept['path']} ({human_bytes(kept['bytes'])}; `diffsynth clean {table['out']} --previous` removes it)")
     return "\n".join(lines)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     config = load_config(args.config) if args.config else None
-    table = stage_table(args.output_dir, config)
+    table = stage_table(args.output_dir, config, config_dir=os.path.dirname(os.path.abspath(args.config)) if args.config else None)
     print(format_stage_table(table))
     if any(r["status"] != "done" or r["key"] == "stale" for r in table["rows"]):
         print(f"\nto continue (or update) this render: diffsynth run {args.config or os.path.join(args.output_dir, 'config.json')}")
@@ -252,7 +268,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_clean(args: argparse.Namespace) -> int:
-    """Delete the intermediates (``--keep-final``: keep frames/, video.mp4, config and manifest) or everything but config.json."""
+    """Delete the intermediates (``--keep-final``: keep frames/, video.mp4, previous/, config and manifest), only the render a
+    changed config moved to ``previous/`` (``--previous``), or everything but config.json."""
     import shutil
 
     from .utils.atomic import is_temp_name
@@ -260,8 +277,11 @@ def cmd_clean(args: argparse.Namespace) -> int:
     out = args.output_dir
     if not os.path.isfile(os.path.join(out, "manifest.json")) and not os.path.isfile(os.path.join(out, "config.json")):
         raise ValueError(f"{out} is not a runner output folder (it has no manifest.json or config.json); nothing removed")
-    names = list(_INTERMEDIATES) + ([] if args.keep_final else list(_FINAL) + list(_RUN_FILES))
-    names += [n for n in os.listdir(out) if is_temp_name(n)]  # left by a killed run
+    if args.previous:
+        names = ["previous"]
+    else:
+        names = list(_INTERMEDIATES) + ([] if args.keep_final else list(_FINAL) + ["previous"] + list(_RUN_FILES))
+        names += [n for n in os.listdir(out) if is_temp_name(n)]  # left by a killed run
     freed = 0
     for name in names:
         path = os.path.join(out, name)
@@ -270,7 +290,8 @@ def cmd_clean(args: argparse.Namespace) -> int:
         freed += path_bytes(path)
         shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
         print(f"removed {path}")
-    kept = "frames/, video.mp4, config.json and manifest.json" if args.keep_final else "config.json"
+    kept = ("everything else" if args.previous else
+            "frames/, video.mp4, previous/, config.json and manifest.json" if args.keep_final else "config.json")
     print(f"freed {human_bytes(freed)}; kept {kept}")
     return 0
 
@@ -382,7 +403,10 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="diffsynth", description="DiffSynth Studio, disk-cache edition")
+    parser.add_argument("--version", action="version", version=f"diffsynth {__version__} (torch {torch.__version__})")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("info", help="what a model file is: family, dtype, parameter count")
@@ -415,9 +439,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="check the cache keys against this config instead of OUTPUT_DIR/config.json")
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("clean", help="delete a runner output folder's generated files (all but config.json)")
+    p = sub.add_parser("clean", help="delete a runner output folder's generated files (all but config.json), previous/ included")
     p.add_argument("output_dir")
-    p.add_argument("--keep-final", action="store_true", help="delete only the intermediates; keep frames/, video.mp4, config.json and manifest.json")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--keep-final", action="store_true", help="delete only the intermediates; keep frames/, video.mp4, previous/, config.json and manifest.json")
+    mode.add_argument("--previous", action="store_true", help="delete only previous/: the finished render that a changed config moved aside")
     p.set_defaults(func=cmd_clean)
 
     from .extensions.FastBlend.cli import add_fastblend_arguments

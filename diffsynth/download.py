@@ -164,7 +164,16 @@ def _example_key(name: str) -> str | None:
 
 
 def lookup(name: str) -> ModelFile:
-    """The catalogue entry for a file name (``control_v11p_sd15_lineart.pth``) or its stem (``control_v11p_sd15_lineart``)."""
+    """The catalogue entry for a file name (``control_v11p_sd15_lineart.pth``), its stem (``control_v11p_sd15_lineart``)
+    or the ``folder/file`` form that ``--list`` prints (``ControlNet/control_v11p_sd15_lineart.pth``, ``models/`` allowed in front)."""
+    parts = name.replace("\\", "/").strip("/").split("/")
+    if len(parts) > 1:
+        entry = CATALOGUE.get(parts[-1])
+        folder = parts[-2]
+        if entry is not None and entry.folder == folder:
+            return entry
+        if entry is not None:
+            raise KeyError(f"{name!r}: {parts[-1]} belongs in {entry.folder}/, not {folder}/ (`diffsynth download --list` shows the names)")
     if name in CATALOGUE:
         return CATALOGUE[name]
     stems = [f for f in CATALOGUE.values() if os.path.splitext(f.filename)[0] == name]

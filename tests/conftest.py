@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# File fingerprints (cache/identity.py) are remembered in the user's cache folder: keep the tests' out of ~/.cache.
+os.environ.setdefault("DIFFSYNTH_CACHE_DIR", tempfile.mkdtemp(prefix="diffsynth-test-cache-"))
 
 
 @pytest.fixture(scope="session")

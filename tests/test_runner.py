@@ -101,11 +101,11 @@ def test_inputs_are_validated_before_models_load(project, tmp_path, monkeypatch)
         _run(bad)
     bad = copy.deepcopy(project)
     bad["data"]["input_frames"]["start_frame_id"] = 50
-    with pytest.raises(ValueError, match="data.input_frames: start_frame_id=50"):
+    with pytest.raises(ValueError, match=r"data.input_frames.start_frame_id/end_frame_id: \[50, 12\) is not a frame range"):
         _run(bad)
     bad = copy.deepcopy(project)
     bad["data"]["input_frames"]["start_frame_id"], bad["data"]["input_frames"]["end_frame_id"] = 4, 4
-    with pytest.raises(ValueError, match="holds no frames"):
+    with pytest.raises(ValueError, match=r"\[4, 4\) is not a frame range"):
         _run(bad)
     bad = copy.deepcopy(project)
     bad["data"]["controlnet_frames"][1]["end_frame_id"] = 5
@@ -115,7 +115,7 @@ def test_inputs_are_validated_before_models_load(project, tmp_path, monkeypatch)
     broken = tmp_path / "broken.mp4"
     broken.write_bytes(b"not a video at all")
     bad["data"]["input_frames"]["video_file"] = str(broken)
-    with pytest.raises(OSError, match="broken.mp4"):
+    with pytest.raises(ValueError, match="broken.mp4(.|\n)*ffmpeg cannot read it as a video: .*Invalid data found when processing input"):
         _run(bad)
     assert calls == []
 

@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 from ..utils.atomic import atomic_write_text
+from .identity import IDENTITY_VERSION
 
 SCHEMA_VERSION = 1
 
@@ -37,35 +38,14 @@ def stable_hash(value: Any) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def file_identity(path: str | None) -> dict | None:
-    """What identifies a model or input file cheaply: absolute path, size and modification time.
-
-    A folder (a diffusers model, an image sequence) is identified by its files' identities.
-    """
-    if path is None:
-        return None
-    path = os.path.abspath(path)
-    if os.path.isdir(path):
-        entries = []
-        for root, _, files in os.walk(path):
-            for name in sorted(files):
-                full = os.path.join(root, name)
-                stat = os.stat(full)
-                entries.append((os.path.relpath(full, path), stat.st_size, int(stat.st_mtime)))
-        return {"path": path, "files": sorted(entries)}
-    if not os.path.exists(path):
-        return {"path": path, "missing": True}
-    stat = os.stat(path)
-    return {"path": path, "size": stat.st_size, "mtime": int(stat.st_mtime)}
-
-
 class Manifest:
     """``OUTPUT/manifest.json``: ``{"schema", "stages": {"<id>": {"name", "key", "status", ...}}, "versions", "updated"}``."""
 
     def __init__(self, folder: str):
         self.folder = folder
         self.path = os.path.join(folder, "manifest.json")
-        self.data: dict[str, Any] = {"schema": SCHEMA_VERSION, "stages": {}}
+        # identity: how the keys identify files (cache/identity.py); manifests without it are migrated by the runner.
+        self.data: dict[str, Any] = {"schema": SCHEMA_VERSION, "identity": IDENTITY_VERSION, "stages": {}}
         if os.path.isfile(self.path):
             with open(self.path, encoding="utf-8") as f:
                 loaded = json.load(f)

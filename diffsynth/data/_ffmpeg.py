@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import subprocess
 import tempfile
 import weakref
@@ -42,10 +43,14 @@ _STDERR_TAIL = 1200  # characters of ffmpeg's log quoted in an error message
 
 
 class UnreadableVideoError(OSError):
-    """ffmpeg cannot read the file as a video (not a video, damaged header, no video stream)."""
+    """ffmpeg cannot read the file as a video (not a video, damaged header, no video stream).
+
+    ``detail`` is ffmpeg's own reason on one line (e.g. "moov atom not found"), without its
+    build banner or the file name it repeats.
+    """
 
     def __init__(self, path: str, detail: str):
-        self.path, self.detail = path, detail.strip()[-_STDERR_TAIL:]
+        self.path, self.detail = path, ffmpeg_reason(detail, path)
         super().__init__(f"cannot read video {path}: {self.detail}")
 
     def __reduce__(self):  # picklable across processes despite the two-argument constructor
@@ -69,6 +74,36 @@ class VideoInfo:
         return round(self.fps * self.duration)
 
 
+_LOG_PREFIX = re.compile(r"^\[[^\]]+ @ (0x)?[0-9a-fA-F]+\]\s*")
+
+
+def ffmpeg_reason(log: str, path: str | None = None) -> str:
+    """ffmpeg's error lines as one line: banner, configuration and stream listings dropped, "[mov,mp4,... @ 0x...]"
+    and the repeated file name stripped, duplicates removed."""
+    reasons = []
+    for line in log.splitlines():
+        line = line.strip()
+        if not line or line.startswith(("ffmpeg version", "built with", "configuration:", "lib", "Input #", "Output #", "Stream", "Duration", "Metadata")):
+            continue
+        line = _LOG_PREFIX.sub("", line)
+        if path is not None and line.startswith(f"{path}: "):
+            line = line[len(path) + 2 :]
+        if line.startswith(("Error opening input file", "Error opening input files")):
+            continue  # ffmpeg 7 repeats the reason in these
+        line = line.removeprefix("Error opening input: ")
+        if line and line not in reasons:
+            reasons.append(line)
+    text = "; ".join(reasons) or "ffmpeg gave no reason"
+    return text[-_STDERR_TAIL:]
+
+
+def _probe_error(path: str) -> str:
+    """ffmpeg's own complaint about ``path`` (no banner): what a user should read when a video does not open."""
+    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-hide_banner", "-v", "error", "-i", path, "-map", "0:v:0", "-frames:v", "1", "-f", "null", "-"]
+    result = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=120)
+    return result.stderr
+
+
 def probe_video(path: str) -> VideoInfo:
     """Read the header of the video file ``path``; raises UnreadableVideoError naming it if ffmpeg cannot.
 
@@ -79,7 +114,7 @@ def probe_video(path: str) -> VideoInfo:
         meta = next(frames)
         width, height = meta["size"]
     except Exception as exc:  # read_frames raises OSError/RuntimeError; its header parser IndexError & co.
-        raise UnreadableVideoError(path, str(exc) or type(exc).__name__) from exc
+        raise UnreadableVideoError(path, _probe_error(path) or str(exc) or type(exc).__name__) from None
     finally:
         frames.close()
     fps = float(meta.get("fps") or 0) or None

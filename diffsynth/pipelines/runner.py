@@ -32,22 +32,26 @@ import json
 import logging
 import os
 import shutil
+import time
 from typing import Any, Callable
 
 import torch
 from tqdm import tqdm
 
 from ..cache import image_store, tensor_store
-from ..cache.manifest import STAGE_NAMES, STAGES, Manifest, file_identity, stable_hash
+from ..cache.identity import IDENTITY_VERSION, content_identity, legacy_identity, save_fingerprints
+from ..cache.manifest import STAGE_NAMES, STAGES, Manifest, stable_hash
 from ..controlnets import ControlNetConfigUnit
-from ..data import VideoData, save_video
+from ..data import save_video
 from ..models.model_manager import ModelManager
 from ..progress import ProgressCallback, ProgressEvent
 from ..prompts import BeautifulPrompt
 from ..prompts.prompt_models import prompt_model_component
 from ..schedulers.ddim import ddim_timesteps
-from ..utils.atomic import DiskFullError, atomic_save_safetensors, atomic_write_text, is_temp_name
+from ..utils.atomic import DiskFullError, atomic_save_safetensors, atomic_write_bytes, atomic_write_text, is_temp_name
 from ..utils.sizes import count_frame_files, human_bytes, path_bytes
+from .config_paths import resolve_config_paths
+from .preflight import PreflightError, check_config
 from .sd_video import SDVideoPipeline, VideoFrames, WindowJournal, _put_all, _remove_store, sliding_windows
 
 logger = logging.getLogger("diffsynth")
@@ -225,11 +229,22 @@ _WEIGHT_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin", ".safetensors", ".onnx", ".j
 
 
 def _weights_identity(folder: str) -> dict | None:
-    """``file_identity`` of the weight (and model config) files under ``folder``: a README edited there changes nothing."""
-    identity = file_identity(folder)
+    """The first manifests' identity of the annotator folder: its weight (and model config) files only (legacy keys)."""
+    identity = legacy_identity(folder)
     if identity is not None and "files" in identity:
         identity["files"] = [entry for entry in identity["files"] if entry[0].lower().endswith(_WEIGHT_SUFFIXES)]
     return identity
+
+
+def _smoother_for_key(configs) -> list | None:
+    """``smoother_configs`` as far as they change results: FastBlend's ``cache_folder`` says only where files go."""
+    if not configs:
+        return None
+    entries = copy.deepcopy(list(configs))
+    for entry in entries:
+        if isinstance(entry, dict) and isinstance(entry.get("config"), dict):
+            entry["config"].pop("cache_folder", None)
+    return entries
 
 
 def _load_embeddings(path: str) -> dict | None:
@@ -253,7 +268,10 @@ def _io_error(where: str, out: str, exc: OSError, num_frames: int | None = None)
     """The message of a run stopped by an I/O error; a full disk gets the folder, the bytes and what is still needed."""
     remedy = "run the same config again: finished work is kept and the run continues."
     if exc.errno not in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
-        return RunError(f"{where} stopped on an I/O error while writing into {out}: {exc}. Fix the folder and {remedy}")
+        name = os.path.abspath(os.fsdecode(exc.filename)) if exc.filename else None
+        if name is not None and (name + os.sep).startswith(os.path.abspath(out) + os.sep):
+            return RunError(f"{where} stopped on an I/O error in the output folder, at {name}: {exc.strerror or exc}. Fix the folder and {remedy}")
+        return RunError(f"{where} stopped: {exc}. Nothing in {out} was lost; fix that and {remedy}")
     path = os.path.abspath(exc.filename) if exc.filename else None
     folder = os.path.dirname(path) if path else os.path.abspath(out)
     nbytes = exc.nbytes if isinstance(exc, DiskFullError) else None
@@ -276,6 +294,52 @@ def _io_error(where: str, out: str, exc: OSError, num_frames: int | None = None)
                     f"Free disk space there and {remedy}")
 
 
+# Files and folders of each stage under the output folder, deleted when the stage is invalidated.
+_STAGE_FILES = {0: ["source_images"], 1: ["controlnet_caches"], 2: ["prompt"], 3: [], 4: ["latents", "smoothed"], 5: ["latents"],
+                6: ["smoother"], 7: ["smoother"], 8: ["smoother", "frames"], 9: ["video.mp4"]}
+# A finished render: never deleted by a rerun, only moved to previous/.
+_FINAL_OUTPUT = ("frames", "video.mp4")
+PREVIOUS_FOLDER = "previous"
+_INCOMING = ".incoming"  # previous/.incoming: a move in progress, completed by the next run if this one is killed
+
+
+def _keep_previous(out: str, manifest: Manifest, names: list[str]) -> str | None:
+    """Move the finished render's ``names`` (of ``frames/``, ``video.mp4``) to ``out/previous/<time>/``; returns that folder.
+
+    Only a finished render is kept (``video.mp4`` exists, or stage 8 finished writing
+    ``frames/``); an unfinished one's frames are intermediates of the abandoned config. One
+    generation is kept: the older one is removed once the new one is complete. The render's
+    ``config.json`` and ``manifest.json`` go with it, so it says what made it. Moves are
+    renames within the output folder (no copy of the frames); a kill at any point leaves
+    ``previous/.incoming``, which the next run completes before anything else is deleted.
+    """
+    previous = os.path.join(out, PREVIOUS_FOLDER)
+    incoming = os.path.join(previous, _INCOMING)
+    present = [name for name in names if os.path.exists(os.path.join(out, name))]
+    finished = (os.path.isfile(os.path.join(out, "video.mp4")) or manifest.data["stages"].get("8", {}).get("status") == "done"
+                or os.path.isdir(incoming))
+    if not finished or not (present or os.path.isdir(incoming)):
+        return None
+    os.makedirs(incoming, exist_ok=True)
+    for name in ("config.json", "manifest.json"):  # copies: the run still needs its own
+        source, target = os.path.join(out, name), os.path.join(incoming, name)
+        if os.path.isfile(source) and not os.path.exists(target):
+            with open(source, "rb") as f:
+                atomic_write_bytes(target, f.read())
+    for name in present:
+        os.replace(os.path.join(out, name), os.path.join(incoming, name))
+    for name in os.listdir(previous):  # one generation: the older one goes only now that the new one is complete
+        if name != _INCOMING:
+            path = os.path.join(previous, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    kept = os.path.join(previous, time.strftime("%Y%m%d-%H%M%S"))
+    os.replace(incoming, kept)
+    moved = sorted(os.listdir(kept))
+    logger.warning("the config changed, so the finished render in %s was moved, not deleted: %s are now in %s "
+                   "(`diffsynth clean %s --previous` removes it)", out, ", ".join(moved), kept, out)
+    return kept
+
+
 class SDVideoPipelineRunner:
     def __init__(self, in_streamlit: bool = False, progress_callback: ProgressCallback | None = None, progress_bar_cmd: Callable | None = tqdm):
         self.in_streamlit = in_streamlit
@@ -283,72 +347,62 @@ class SDVideoPipelineRunner:
         self.progress_bar_cmd = progress_bar_cmd
 
     # ------------------------------------------------------------------ validation (no models)
-    @staticmethod
-    def open_frames(spec: dict, what: str) -> VideoData:
-        """A lazy, cropped/resized frame range from a ``{video_file|image_folder, height, width, start_frame_id, end_frame_id}`` dict."""
-        height, width = spec.get("height"), spec.get("width")
-        for name, value in (("height", height), ("width", width)):
-            if value is not None and (not isinstance(value, int) or value <= 0 or value % 8):
-                nearest = max(8, round(value / 8) * 8) if isinstance(value, (int, float)) else 8
-                raise ValueError(f"{what}: {name} must be a positive multiple of 8, got {value!r}; nearest valid: {nearest}")
-        video = VideoData(video_file=spec.get("video_file"), image_folder=spec.get("image_folder"), height=height, width=width)
-        start = spec.get("start_frame_id") or 0
-        end = spec.get("end_frame_id")
-        try:
-            frames = video.range(start, end)
-        except ValueError as exc:
-            raise ValueError(f"{what}: start_frame_id={start}, end_frame_id={end} is not a valid range: {exc}") from exc
-        if len(frames) == 0:
-            raise ValueError(f"{what}: the frame range [{start}, {end}) of {spec.get('video_file') or spec.get('image_folder')} holds no frames (the source has {len(video)})")
-        return frames
+    def prepare(self, config: dict, config_dir: str | None = None) -> dict:
+        """Resolve the config's paths and run every pre-flight check; returns the normalised plan.
 
-    def prepare(self, config: dict) -> dict:
-        """Check everything that can be checked without models; returns the normalised plan."""
-        config = copy.deepcopy(config)
-        data = config["data"]
-        inputs = config["pipeline"]["pipeline_inputs"]
-        source = self.open_frames(data["input_frames"], "data.input_frames")
+        Relative paths resolve against ``config_dir`` (the config file's folder) when that
+        finds them, else the working directory (``config_paths``). Every problem is reported
+        at once in a :class:`~diffsynth.pipelines.preflight.PreflightError` (a ValueError)
+        before anything is written. Nothing here loads a model.
+        """
+        written = copy.deepcopy(config)
+        config, origins = resolve_config_paths(written, config_dir)
+        checked = check_config(config, origins)
+        if checked.problems:
+            raise PreflightError(checked.problems, (config.get("data") or {}).get("output_folder"))
+        source = checked.source
         width, height = source[0].size
-        for name, value in (("height", height), ("width", width)):
-            if value % 8:
-                raise ValueError(f"data.input_frames: frames are {width}x{height}; {name} must be a multiple of 8 (nearest valid: {round(value / 8) * 8}); set height/width")
-        units = config["models"].get("controlnet_units", [])
-        control_specs = data.get("controlnet_frames") or []
-        if control_specs and len(control_specs) != len(units):
-            raise ValueError(f"data.controlnet_frames has {len(control_specs)} entries but models.controlnet_units has {len(units)}; give one per unit")
-        controls = []
-        for k, spec in enumerate(control_specs):
-            frames = self.open_frames(spec, f"data.controlnet_frames[{k}]")
-            if len(frames) != len(source):
-                raise ValueError(f"data.controlnet_frames[{k}] has {len(frames)} frames but data.input_frames has {len(source)}; the ranges must have the same length")
-            if frames[0].size != (width, height):
-                raise ValueError(f"data.controlnet_frames[{k}] frames are {frames[0].size[0]}x{frames[0].size[1]}, input frames {width}x{height}; give the same height and width")
-            controls.append(frames)
-        if units and not controls:
-            controls = [source] * len(units)  # the original fed each unit the input video when no frames were listed
-        inputs.update(num_frames=len(source), width=width, height=height)
-        return {"config": config, "source": source, "controls": controls, "width": width, "height": height, "num_frames": len(source)}
+        config["pipeline"]["pipeline_inputs"].update(num_frames=len(source), width=width, height=height)
+        written["pipeline"]["pipeline_inputs"].update(num_frames=len(source), width=width, height=height)
+        return {"config": config, "written": written, "origins": origins, "annotator_files": checked.annotator_files,
+                "source": source, "controls": checked.controls, "width": width, "height": height, "num_frames": len(source)}
 
     # ------------------------------------------------------------------ keys
     @staticmethod
-    def stage_keys(plan: dict) -> dict[int, str]:
-        config = plan["config"]
+    def stage_keys(plan: dict, legacy: bool = False) -> dict[int, str]:
+        """Each stage's cache key: a hash of everything its result depends on.
+
+        Files are identified by content (``cache.identity``), never by where they lie, so
+        moving the models folder or re-downloading a file keeps every key. ``legacy=True``
+        gives the keys the first manifests recorded (absolute path, size and mtime, the
+        config as written), only so that ``run`` can recognise and migrate them.
+        """
+        config = plan["written"] if legacy else plan["config"]
+        identity = legacy_identity if legacy else content_identity
         models, data, pipeline = config["models"], config["data"], config["pipeline"]
         inputs = pipeline["pipeline_inputs"]
+        # A range is keyed by the frames it selects: "to the end" (end_frame_id null) and the explicit end are the same.
         frames_id = lambda spec: {  # noqa: E731
-            "source": file_identity(spec.get("video_file") or spec.get("image_folder")),
-            "range": [spec.get("start_frame_id") or 0, spec.get("end_frame_id")],
+            "source": identity(spec.get("video_file") or spec.get("image_folder")),
+            "range": [spec.get("start_frame_id") or 0, spec.get("end_frame_id") if legacy else (spec.get("start_frame_id") or 0) + plan["num_frames"]],
             "size": [plan["height"], plan["width"]],
         }
-        model_ids = [file_identity(p) for p in models["model_list"]]
+        model_ids = [identity(p) for p in models["model_list"]]
         # BeautifulPrompt samples its continuation with the run's seed (stage 2): then the seed is part of the prompt.
         refines = any(prompt_model_component(p) == "beautiful_prompt" for p in models["model_list"])
-        ti = file_identity(models.get("textual_inversion_folder")) if models.get("textual_inversion_folder") else None
+        ti = identity(models.get("textual_inversion_folder")) if models.get("textual_inversion_folder") else None
         k0 = stable_hash({"stage": 0, "input": frames_id(data["input_frames"])})
         specs = data.get("controlnet_frames") or [data["input_frames"]] * len(models.get("controlnet_units", []))
         units = [{"processor": u["processor_id"], "frames": frames_id(s)} for u, s in zip(models.get("controlnet_units", []), specs)]
-        neural = any(u["processor_id"] not in ("tile", "canny") for u in models.get("controlnet_units", []))  # these two read no weights
-        annotators = _weights_identity(models.get("annotator_folder", "models/Annotators")) if neural else None
+        if legacy:
+            neural = any(u["processor_id"] not in ("tile", "canny") for u in models.get("controlnet_units", []))  # these two read no weights
+            annotators = _weights_identity(models.get("annotator_folder", "models/Annotators")) if neural else None
+            unit_ids = models.get("controlnet_units", [])
+            smoother = config.get("smoother_configs") or None
+        else:  # only the annotator files stage 1 reads; a unit's ControlNet by content; no cache folders (they change nothing)
+            annotators = {name: content_identity(path) for name, path in sorted(plan["annotator_files"].items())} or None
+            unit_ids = [{**u, "model_path": content_identity(u["model_path"])} for u in models.get("controlnet_units", [])]
+            smoother = _smoother_for_key(config.get("smoother_configs"))
         k1 = stable_hash({"stage": 1, "units": units, "annotators": annotators})
         k2 = stable_hash({"stage": 2, "models": model_ids, "alphas": models.get("lora_alphas", []), "ti": ti,
                           "prompt": inputs.get("prompt"), "negative": inputs.get("negative_prompt", ""), "clip_skip": inputs.get("clip_skip", 1),
@@ -357,33 +411,44 @@ class SDVideoPipelineRunner:
                           "size": [plan["height"], plan["width"]], "strength": inputs.get("denoising_strength", 1.0), "steps": inputs.get("num_inference_steps", 20)})
         # The smoother enters denoising only through the steps it smooths inside the loop: a smoother
         # that only smooths the final frames (stages 6-8) must not invalidate the denoised latents.
-        smoother = config.get("smoother_configs") or None
         denoise = denoising_plan(inputs, plan["num_frames"])
         in_loop = denoise["in_loop"] if smoother else []
         final = bool(smoother) and denoise["final"]
-        k4 = stable_hash({"stage": 4, "k1": k1, "k2": k2, "k3": k3, "units": models.get("controlnet_units", []),
+        k4 = stable_hash({"stage": 4, "k1": k1, "k2": k2, "k3": k3, "units": unit_ids,
                           "params": {p: inputs.get(p) for p in _DENOISE_PARAMS}, "in_loop": in_loop, "smoother": smoother if in_loop else None})
         k5 = stable_hash({"stage": 5, "k4": k4, "final_smoothing": final})
         k6 = stable_hash({"stage": 6, "k5": k5, "k0": k0, "smoother": smoother if final else None})
         k7 = stable_hash({"stage": 7, "k6": k6})
         k8 = stable_hash({"stage": 8, "k7": k7})
         k9 = stable_hash({"stage": 9, "k8": k8, "fps": data.get("fps", 30)})
+        if not legacy:
+            save_fingerprints()
         return {0: k0, 1: k1, 2: k2, 3: k3, 4: k4, 5: k5, 6: k6, 7: k7, 8: k8, 9: k9}
 
     # ------------------------------------------------------------------ run
-    def run(self, config: dict) -> VideoFrames:
-        plan = self.prepare(config)
+    def run(self, config: dict, config_dir: str | None = None) -> VideoFrames:
+        """Render ``config``; rerunning it continues where it stopped.
+
+        ``config_dir``: the folder of the config file, against which relative paths resolve
+        first (see ``config_paths``). Pre-flight checks run before anything is written; a
+        stage is invalidated only when an input that exists has really changed, and a
+        finished render that a changed config would delete is moved to ``OUT/previous/``.
+        """
+        plan = self.prepare(config, config_dir)
         config = plan["config"]
         data = config["data"]
         out = data["output_folder"]
         keys = self.stage_keys(plan)
         try:  # these write too: a full disk here is reported like one inside a stage
-            if data.get("clear_output_folder", False) and os.path.isdir(out):
-                shutil.rmtree(out)
             os.makedirs(out, exist_ok=True)
-            self._save_config(config, out)
             manifest = Manifest(out)
-            self._invalidate_changed(manifest, keys, out)
+            self._migrate_keys(manifest, plan, keys)
+            if data.get("clear_output_folder", False):
+                self._clear(manifest, out)
+                manifest = Manifest(out)
+            else:
+                self._invalidate_changed(manifest, keys, out)
+            self._save_config(config, out)
         except OSError as exc:
             raise _io_error("setup", out, exc) from exc
         frames = image_store(os.path.join(out, "frames"), plan["num_frames"], size=(plan["width"], plan["height"]))
@@ -593,21 +658,52 @@ class SDVideoPipelineRunner:
 
     @staticmethod
     def _invalidate_changed(manifest: Manifest, keys: dict[int, str], out: str) -> None:
-        """The first stage whose recorded key differs is recomputed, and everything after it: delete their files."""
+        """The first stage whose recorded key differs is recomputed, and everything after it: delete their files.
+
+        Keys are recomputed only from inputs that exist (the pre-flight checks refuse missing
+        ones), so a differing key means a real change. A finished render among the files to
+        delete (``frames/``, ``video.mp4``) is moved to ``previous/`` instead.
+        """
         for sid, _ in STAGES:
             recorded = manifest.key_of(sid)
             if recorded is not None and recorded != keys[sid]:
                 logger.info("stage %d's inputs changed: recomputing it and every later stage", sid)
-                folders = {0: ["source_images"], 1: ["controlnet_caches"], 2: ["prompt"], 3: [], 4: ["latents", "smoothed"], 5: ["latents"],
-                           6: ["smoother"], 7: ["smoother"], 8: ["smoother", "frames"], 9: []}
-                stale = {name for later, _ in STAGES if later >= sid for name in folders[later]}
+                stale = {name for later, _ in STAGES if later >= sid for name in _STAGE_FILES[later]}
+                _keep_previous(out, manifest, [name for name in _FINAL_OUTPUT if name in stale])
                 for name in sorted(stale):
-                    if os.path.isdir(os.path.join(out, name)):
-                        shutil.rmtree(os.path.join(out, name))
-                if os.path.isfile(os.path.join(out, "video.mp4")):
-                    os.remove(os.path.join(out, "video.mp4"))
+                    path = os.path.join(out, name)
+                    if os.path.isdir(path):
+                        shutil.rmtree(path)
+                    elif os.path.isfile(path):
+                        os.remove(path)
                 manifest.invalidate_from(sid)
                 return
+
+    @staticmethod
+    def _clear(manifest: Manifest, out: str) -> None:
+        """``data.clear_output_folder``: everything goes, except a finished render, which is moved to ``previous/`` first."""
+        _keep_previous(out, manifest, list(_FINAL_OUTPUT))
+        for name in os.listdir(out):
+            if name != PREVIOUS_FOLDER:
+                path = os.path.join(out, name)
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+    def _migrate_keys(self, manifest: Manifest, plan: dict, keys: dict[int, str]) -> None:
+        """A manifest of the first releases keyed files by path and time: rewrite the keys it still matches to content keys.
+
+        So upgrading reuses every stage whose inputs did not change (a moved file, whose old
+        key named its old path, is recomputed once, as it was then).
+        """
+        if manifest.data.get("identity") == IDENTITY_VERSION:
+            return
+        if manifest.data["stages"]:
+            old = self.stage_keys(plan, legacy=True)
+            migrated = [sid for sid, _ in STAGES if manifest.key_of(sid) is not None and manifest.key_of(sid) == old[sid]]
+            for sid in migrated:
+                manifest.stage(sid)["key"] = keys[sid]
+            logger.info("%s: cache keys upgraded to content identities (%d of %d stages kept)", manifest.folder, len(migrated), len(manifest.data["stages"]))
+        manifest.data["identity"] = IDENTITY_VERSION
+        manifest.save()
 
     @staticmethod
     def _current_generation(out: str, n: int, num_steps: int) -> int:
