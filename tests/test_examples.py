@@ -136,9 +136,10 @@ def test_diffutoon_with_editing_signals_feeds_pass_1_into_pass_2s_tile_unit(exam
     assert json.load(open(color / "manifest.json"))["stages"]["6"].get("skipped") is None  # the smoother ran
     assert [u["processor_id"] for u in second["models"]["controlnet_units"]] == ["tile", "lineart"]
     tile_spec = second["data"]["controlnet_frames"][0]
-    assert tile_spec["video_file"] == os.path.join("edit", "color_video", "video.mp4")
+    # saved with absolute paths (the example ran in example_root with relative ones)
+    assert tile_spec["video_file"] == str(example_root / "edit" / "color_video" / "video.mp4")
     assert (tile_spec["start_frame_id"], tile_spec["end_frame_id"]) == (None, None)
-    assert second["data"]["controlnet_frames"][1]["video_file"] == "input.mp4"
+    assert second["data"]["controlnet_frames"][1]["video_file"] == str(example_root / "input.mp4")
     # the tile unit (an identity annotator) saw pass 1's video frames, the lineart unit the input video
     from diffsynth.data import VideoData
 

@@ -259,3 +259,128 @@ def test_clear_output_folder_refuses_a_folder_that_is_not_a_render(project, tmp_
     assert result.returncode != 0
     assert "data.clear_output_folder" in result.stderr and "would delete everything in it" in result.stderr
     assert (foreign / "holiday.mp4").read_bytes() == b"precious" and os.listdir(foreign) == ["holiday.mp4"]
+
+
+def test_manifest_of_the_first_releases_is_migrated_without_recomputing(project, monkeypatch):
+    """Keys of the first manifests named files by absolute path and time; a rerun after upgrading reuses everything."""
+    from diffsynth.cache.manifest import Manifest
+    from diffsynth.pipelines.runner import SDVideoPipelineRunner
+
+    out = os.path.join(project, "output")
+    monkeypatch.chdir(project)  # the legacy identity resolved relative paths against the working directory
+    runner = SDVideoPipelineRunner(progress_bar_cmd=None)
+    plan = runner.prepare(_load(project), config_dir=project)
+    legacy = runner.stage_keys(plan, legacy=True)
+    assert legacy != runner.stage_keys(plan)
+    manifest = Manifest(out)
+    for sid in range(10):
+        manifest.stage(sid)["key"] = legacy[sid]
+    del manifest.data["identity"]
+    manifest.save()
+    before = _snapshot(out)
+    result = _cli(["run", "config.json"], cwd=project)
+    assert result.returncode == 0, result.stderr
+    assert "cache keys upgraded to content identities (10 of 10 stages kept)" in result.stderr
+    assert "nothing to do" in result.stderr
+    after = _snapshot(out)
+    assert {k: v for k, v in after.items() if k not in ("config.json", "manifest.json")} == \
+           {k: v for k, v in before.items() if k not in ("config.json", "manifest.json")}
+    assert not os.path.exists(os.path.join(out, "previous"))
+
+
+def test_a_move_to_previous_killed_halfway_is_completed_by_the_next_run(project):
+    from diffsynth.testing.controlnet_files import write_controlnet
+
+    out = os.path.join(project, "output")
+    before = _snapshot(out)
+    write_controlnet(os.path.join(project, "models", "ControlNet", "control_tiny_tile.pth"), seed=9)
+    # what a kill between two renames leaves: frames/ already in previous/.incoming, video.mp4 not yet
+    incoming = os.path.join(out, "previous", ".incoming")
+    os.makedirs(incoming)
+    shutil.copy(os.path.join(out, "config.json"), incoming)
+    os.replace(os.path.join(out, "frames"), os.path.join(incoming, "frames"))
+    result = _cli(["run", "config.json"], cwd=project)
+    assert result.returncode == 0, result.stderr
+    (kept,) = os.listdir(os.path.join(out, "previous"))
+    old = _snapshot(os.path.join(out, "previous", kept))
+    for name, digest in before.items():
+        if name.startswith("frames") or name in ("video.mp4", "config.json"):
+            assert old[name] == digest, name
+
+
+def test_an_annotator_file_of_the_wrong_kind_is_named(project):
+    from diffsynth.pipelines.preflight import PreflightError
+    from diffsynth.pipelines.runner import SDVideoPipelineRunner
+    from diffsynth.testing.annotator_files import write_lineart_anime_file
+
+    folder = os.path.join(project, "models", "Annotators")
+    write_lineart_anime_file(os.path.join(folder, "sk_model.pth"))  # netG.pth's layout under lineart's name
+    config = _load(project)
+    config["models"]["controlnet_units"][1]["processor_id"] = "lineart"
+    with pytest.raises(PreflightError) as info:
+        SDVideoPipelineRunner(progress_bar_cmd=None).prepare(config, config_dir=project)
+    message = str(info.value)
+    assert "models.annotator_folder (lineart needs sk_model.pth)" in message
+    assert "is a anime lineart annotator U-Net (Anime2Sketch), not the lineart annotator generator" in message.replace("an anime", "a anime")
+    assert len(info.value.problems) == 1
+
+
+def test_read_errors_are_not_reported_as_writing(tmp_path):
+    from diffsynth.pipelines.runner import _io_error
+
+    out = str(tmp_path / "out")
+    outside = _io_error("stage 1 ControlNet annotations", out, FileNotFoundError(2, "No such file or directory", "/mnt/models/x.pth"))
+    assert "while writing" not in str(outside) and "I/O error" not in str(outside)
+    assert "/mnt/models/x.pth" in str(outside) and f"Nothing in {out} was lost" in str(outside)
+    inside = _io_error("stage 5 VAE decode", out, PermissionError(13, "Permission denied", os.path.join(out, "frames", "000001.png")))
+    assert "I/O error in the output folder" in str(inside) and "000001.png" in str(inside)
+
+
+def test_content_identity_follows_content_not_place(tmp_path, monkeypatch):
+    from diffsynth.cache import identity
+
+    data = bytes(range(256)) * 4096  # 1 MiB: sampled, not hashed whole
+    a = tmp_path / "a" / "model.safetensors"
+    b = tmp_path / "b" / "renamed.safetensors"
+    for path in (a, b):
+        path.parent.mkdir()
+        path.write_bytes(data)
+    os.utime(b, (1_000_000_000, 1_000_000_000))
+    assert identity.content_identity(str(a)) == identity.content_identity(str(b))
+    changed = bytearray(data)
+    changed[64 * 1024 + (len(data) - 128 * 1024) // 9] ^= 0xFF  # inside the first sampled block
+    b.write_bytes(bytes(changed))
+    assert identity.content_identity(str(a)) != identity.content_identity(str(b))
+    with pytest.raises(FileNotFoundError):
+        identity.content_identity(str(tmp_path / "missing.safetensors"))
+    # an unchanged file (path, size, mtime) is read once: the fingerprint comes from the memo afterwards
+    calls = []
+    real = identity._sampled_sha256
+    monkeypatch.setattr(identity, "_sampled_sha256", lambda p, s: calls.append(p) or real(p, s))
+    c = tmp_path / "c.bin"
+    c.write_bytes(data)
+    first = identity.content_identity(str(c))
+    identity.save_fingerprints()
+    assert identity.content_identity(str(c)) == first and calls == [str(c)]
+    with open(os.path.join(os.environ["DIFFSYNTH_CACHE_DIR"], "file_fingerprints.json"), encoding="utf-8") as f:
+        assert str(c) in json.load(f)["entries"]
+
+
+def test_cli_version_info_on_annotator_files_and_download_names(tmp_path):
+    from diffsynth import __version__
+    from diffsynth.download import lookup
+    from diffsynth.testing.annotator_files import write_hed_file
+    from diffsynth.testing.openpose_files import write_openpose_files
+
+    result = _cli(["--version"], cwd=str(tmp_path))
+    assert result.returncode == 0 and f"diffsynth {__version__}" in result.stdout
+    hed = write_hed_file(str(tmp_path / "ControlNetHED.pth"))
+    info = _cli(["info", hed], cwd=str(tmp_path))
+    assert info.returncode == 0, info.stderr
+    assert "soft edge annotator (HED)" in info.stdout and "'softedge'" in info.stdout
+    face = write_openpose_files(str(tmp_path / "pose"))["face"]
+    assert "OpenPose face network" in _cli(["info", face], cwd=str(tmp_path)).stdout
+    for name in ("ControlNet/control_v11p_sd15_lineart.pth", "models/ControlNet/control_v11p_sd15_lineart.pth", "control_v11p_sd15_lineart"):
+        assert lookup(name).filename == "control_v11p_sd15_lineart.pth"
+    with pytest.raises(KeyError, match="belongs in ControlNet/, not Annotators/"):
+        lookup("Annotators/control_v11p_sd15_lineart.pth")

@@ -101,7 +101,7 @@ def test_inputs_are_validated_before_models_load(project, tmp_path, monkeypatch)
         _run(bad)
     bad = copy.deepcopy(project)
     bad["data"]["input_frames"]["start_frame_id"] = 50
-    with pytest.raises(ValueError, match=r"data.input_frames.start_frame_id/end_frame_id: \[50, 12\) is not a frame range"):
+    with pytest.raises(ValueError, match=r"data.input_frames.start_frame_id/end_frame_id: \[50, 10\) is not a frame range"):
         _run(bad)
     bad = copy.deepcopy(project)
     bad["data"]["input_frames"]["start_frame_id"], bad["data"]["input_frames"]["end_frame_id"] = 4, 4
@@ -115,7 +115,7 @@ def test_inputs_are_validated_before_models_load(project, tmp_path, monkeypatch)
     broken = tmp_path / "broken.mp4"
     broken.write_bytes(b"not a video at all")
     bad["data"]["input_frames"]["video_file"] = str(broken)
-    with pytest.raises(ValueError, match="broken.mp4(.|\n)*ffmpeg cannot read it as a video: .*Invalid data found when processing input"):
+    with pytest.raises(ValueError, match="video_file: ffmpeg cannot read it as a video: .*Invalid data found when processing input(.|\n)*broken.mp4"):
         _run(bad)
     assert calls == []
 
@@ -264,16 +264,19 @@ def test_the_overall_progress_ends_at_its_total_fresh_and_after_a_resume(smooth_
 
 
 def test_the_annotation_key_follows_weight_files_only(project, tmp_path):
+    from diffsynth.testing.annotator_files import write_lineart_file
+
     config = copy.deepcopy(project)
     config["models"]["controlnet_units"][1]["processor_id"] = "lineart"  # a unit that reads annotator weights
     folder = tmp_path / "Annotators"
     folder.mkdir()
     config["models"]["annotator_folder"] = str(folder)
-    (folder / "sk_model.pth").write_bytes(b"weights")
+    write_lineart_file(str(folder / "sk_model.pth"), seed=0)
     before = _keys(config)
     (folder / "README.md").write_text("where to download the files")
-    assert _keys(config) == before  # editing a note does not invalidate the annotations
-    (folder / "sk_model.pth").write_bytes(b"other weights")
+    (folder / "netG.pth").write_bytes(b"a file the lineart unit does not read")
+    assert _keys(config) == before  # editing a note or another annotator's file does not invalidate the annotations
+    write_lineart_file(str(folder / "sk_model.pth"), seed=1)
     assert _keys(config)[1] != before[1]
 
 

@@ -310,8 +310,12 @@ def test_a_changed_config_recomputes_from_the_first_stage_it_affects(server, pro
     assert rerun.unet_calls == CALLS_PER_STEP  # denoising redone from scratch, without the negative prompt
     assert _frame_bytes(out) == _frame_bytes(fresh)
 
+    cfg1_frames = _frame_bytes(fresh)
     back = _render(server, project, fresh)  # 1 -> 7: the cached prompt stage must hold the negative prompt too
     assert back.rc == 0 and back.unet_calls == 2 * CALLS_PER_STEP, back.log
+    (kept,) = os.listdir(os.path.join(fresh, "previous"))  # the finished cfg 1 render was moved aside, not deleted
+    assert _frame_bytes(os.path.join(fresh, "previous", kept)) == cfg1_frames
+    shutil.rmtree(os.path.join(fresh, "previous"))
     _assert_same_output(fresh, reference)
 
 

@@ -240,6 +240,11 @@ def test_a_different_call_in_the_same_folder_does_not_reuse_stale_frames(animate
     torch.manual_seed(0)
     fresh = _array(animatediff_pipe("a dog", **dict(kw, output_folder=str(tmp_path / "fresh"))))
     assert not np.array_equal(a, b) and np.array_equal(b, fresh)
+    # the first call's finished frames were moved aside, not deleted
+    (kept,) = os.listdir(tmp_path / "out" / "previous")
+    frames = sorted(os.listdir(tmp_path / "out" / "previous" / kept / "frames"))
+    assert len(frames) == 4
+    assert np.array_equal(np.stack([np.asarray(Image.open(tmp_path / "out" / "previous" / kept / "frames" / f).convert("RGB")) for f in frames]), a)
 
 
 @torch.no_grad()

@@ -9,6 +9,7 @@ output folder exactly as it was (the first promise: a rerun never costs finished
 """
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass, field
 
@@ -64,6 +65,7 @@ class Checked:
     source: VideoData | None = None
     controls: list[VideoData] = field(default_factory=list)
     annotator_files: dict[str, str] = field(default_factory=dict)  # file name -> path, the files stage 1 reads
+    opened: dict[tuple, VideoData] = field(default_factory=dict)  # (path, is video, height, width) -> reader
 
     def add(self, key: str, message: str, remedy: str, origin: PathOrigin | None = None) -> None:
         self.problems.append(Problem(key, message, remedy, origin))
@@ -226,7 +228,11 @@ def open_frames(spec, key: str, origins: dict[str, PathOrigin], checked: Checked
         checked.add(path_key, f"is not a {'file' if video_file else 'folder'}", f"give the {'video file' if video_file else 'folder of images'} here", origins.get(path_key))
         return None
     try:
-        video = VideoData(video_file=video_file or None, image_folder=image_folder or None, height=spec.get("height"), width=spec.get("width"))
+        opened = (path, bool(video_file), spec.get("height"), spec.get("width"))
+        shared = opened in checked.opened  # one reader per source: its frame count is decoded (and any warning given) once
+        if not shared:
+            checked.opened[opened] = VideoData(video_file=video_file or None, image_folder=image_folder or None, height=spec.get("height"), width=spec.get("width"))
+        video = checked.opened[opened]
         if bad:
             return None
         frames = video.range(start, end)
@@ -246,7 +252,9 @@ def open_frames(spec, key: str, origins: dict[str, PathOrigin], checked: Checked
         checked.add(f"{key}.start_frame_id", f"is {start}, at or past the readable end of {path} (it has {len(video)} readable frames)",
                     "choose a start_frame_id inside the video")
         return None
-    return frames
+    # A second spec of the same source gets its own decoder (readers of different regions would keep restarting
+    # each other), copied with the frame count already known.
+    return copy.deepcopy(frames) if shared else frames
 
 
 def _check_frames(config: dict, origins: dict[str, PathOrigin], checked: Checked) -> None:

@@ -22,7 +22,9 @@ The run is 10 stages (DESIGN.md §3). Each has a cache key — a hash of everyth
 result depends on, not of batch sizes or the device — and is journalled in
 ``manifest.json``; ``last_process_id.txt`` holds the last finished stage. Rerunning
 the same config continues where it stopped; a changed key recomputes that stage
-and everything after it. Validation of the inputs happens before any model loads.
+and everything after it. Pre-flight checks of every path, file and range in the config
+(``preflight.py``) run before anything is written; a finished render that a changed config
+would delete is moved to ``previous/`` (``cache/previous.py``).
 """
 from __future__ import annotations
 
@@ -32,7 +34,6 @@ import json
 import logging
 import os
 import shutil
-import time
 from typing import Any, Callable
 
 import torch
@@ -41,6 +42,7 @@ from tqdm import tqdm
 from ..cache import image_store, tensor_store
 from ..cache.identity import IDENTITY_VERSION, content_identity, legacy_identity, save_fingerprints
 from ..cache.manifest import STAGE_NAMES, STAGES, Manifest, stable_hash
+from ..cache.previous import PREVIOUS_FOLDER, keep_previous
 from ..controlnets import ControlNetConfigUnit
 from ..data import save_video
 from ..models.model_manager import ModelManager
@@ -48,7 +50,7 @@ from ..progress import ProgressCallback, ProgressEvent
 from ..prompts import BeautifulPrompt
 from ..prompts.prompt_models import prompt_model_component
 from ..schedulers.ddim import ddim_timesteps
-from ..utils.atomic import DiskFullError, atomic_save_safetensors, atomic_write_bytes, atomic_write_text, is_temp_name
+from ..utils.atomic import DiskFullError, atomic_save_safetensors, atomic_write_text, is_temp_name
 from ..utils.sizes import count_frame_files, human_bytes, path_bytes
 from .config_paths import resolve_config_paths
 from .preflight import PreflightError, check_config
@@ -297,47 +299,17 @@ def _io_error(where: str, out: str, exc: OSError, num_frames: int | None = None)
 # Files and folders of each stage under the output folder, deleted when the stage is invalidated.
 _STAGE_FILES = {0: ["source_images"], 1: ["controlnet_caches"], 2: ["prompt"], 3: [], 4: ["latents", "smoothed"], 5: ["latents"],
                 6: ["smoother"], 7: ["smoother"], 8: ["smoother", "frames"], 9: ["video.mp4"]}
-# A finished render: never deleted by a rerun, only moved to previous/.
-_FINAL_OUTPUT = ("frames", "video.mp4")
-PREVIOUS_FOLDER = "previous"
-_INCOMING = ".incoming"  # previous/.incoming: a move in progress, completed by the next run if this one is killed
+_FINAL_OUTPUT = ("frames", "video.mp4")  # a finished render: never deleted by a rerun, only moved to previous/
 
 
 def _keep_previous(out: str, manifest: Manifest, names: list[str]) -> str | None:
-    """Move the finished render's ``names`` (of ``frames/``, ``video.mp4``) to ``out/previous/<time>/``; returns that folder.
+    """Move a finished render's ``names`` to ``out/previous/<time>/`` (``cache.previous``).
 
-    Only a finished render is kept (``video.mp4`` exists, or stage 8 finished writing
-    ``frames/``); an unfinished one's frames are intermediates of the abandoned config. One
-    generation is kept: the older one is removed once the new one is complete. The render's
-    ``config.json`` and ``manifest.json`` go with it, so it says what made it. Moves are
-    renames within the output folder (no copy of the frames); a kill at any point leaves
-    ``previous/.incoming``, which the next run completes before anything else is deleted.
+    Finished: ``video.mp4`` exists or stage 8 finished writing ``frames/``; an unfinished
+    render's frames are intermediates of the abandoned config and are deleted as such.
     """
-    previous = os.path.join(out, PREVIOUS_FOLDER)
-    incoming = os.path.join(previous, _INCOMING)
-    present = [name for name in names if os.path.exists(os.path.join(out, name))]
-    finished = (os.path.isfile(os.path.join(out, "video.mp4")) or manifest.data["stages"].get("8", {}).get("status") == "done"
-                or os.path.isdir(incoming))
-    if not finished or not (present or os.path.isdir(incoming)):
-        return None
-    os.makedirs(incoming, exist_ok=True)
-    for name in ("config.json", "manifest.json"):  # copies: the run still needs its own
-        source, target = os.path.join(out, name), os.path.join(incoming, name)
-        if os.path.isfile(source) and not os.path.exists(target):
-            with open(source, "rb") as f:
-                atomic_write_bytes(target, f.read())
-    for name in present:
-        os.replace(os.path.join(out, name), os.path.join(incoming, name))
-    for name in os.listdir(previous):  # one generation: the older one goes only now that the new one is complete
-        if name != _INCOMING:
-            path = os.path.join(previous, name)
-            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-    kept = os.path.join(previous, time.strftime("%Y%m%d-%H%M%S"))
-    os.replace(incoming, kept)
-    moved = sorted(os.listdir(kept))
-    logger.warning("the config changed, so the finished render in %s was moved, not deleted: %s are now in %s "
-                   "(`diffsynth clean %s --previous` removes it)", out, ", ".join(moved), kept, out)
-    return kept
+    finished = os.path.isfile(os.path.join(out, "video.mp4")) or manifest.data["stages"].get("8", {}).get("status") == "done"
+    return keep_previous(out, names, finished)
 
 
 class SDVideoPipelineRunner:

@@ -463,6 +463,7 @@ class SDVideoPipeline:
         hash of their first, middle and last frames (cheap, not exhaustive).
         """
         from ..cache.manifest import stable_hash
+        from ..cache.previous import keep_previous
 
         def sample(frames):
             if frames is None or not len(frames):
@@ -484,6 +485,8 @@ class SDVideoPipeline:
             if previous == key:
                 return
             logger.warning("%s holds the files of a different pipeline call; clearing them", root)
+            frames = os.path.join(root, "frames")  # a rerun never deletes finished frames: they go to previous/
+            keep_previous(root, ["frames"], finished=os.path.isdir(frames) and any(not n.startswith(".") for n in os.listdir(frames)))
             for name in ("controlnet_caches", "latents", "smoothed", "smoother", "frames"):
                 if os.path.isdir(os.path.join(root, name)):
                     shutil.rmtree(os.path.join(root, name))
