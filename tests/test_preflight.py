@@ -384,3 +384,32 @@ def test_cli_version_info_on_annotator_files_and_download_names(tmp_path):
         assert lookup(name).filename == "control_v11p_sd15_lineart.pth"
     with pytest.raises(KeyError, match="belongs in ControlNet/, not Annotators/"):
         lookup("Annotators/control_v11p_sd15_lineart.pth")
+
+
+def test_to_the_end_of_a_video_whose_header_lies_warns_once_and_counts(project):
+    """A header that promises more frames than decode: one warning (though three specs read the file) and the count in the summary."""
+    import imageio_ffmpeg
+    import numpy as np
+
+    full = os.path.join(project, "full.mp4")
+    writer = imageio_ffmpeg.write_frames(full, (64, 64), fps=8, quality=8, macro_block_size=1,
+                                         output_params=["-movflags", "+faststart", "-bf", "0"])
+    writer.send(None)
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        writer.send(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8).tobytes())
+    writer.close()
+    with open(full, "rb") as f:
+        data = f.read()
+    with open(os.path.join(project, "cut.mp4"), "wb") as f:
+        f.write(data[: int(len(data) * 0.6)])
+    config = _load(project)
+    for spec in [config["data"]["input_frames"], *config["data"]["controlnet_frames"]]:
+        spec.update(video_file="cut.mp4", end_frame_id=None)
+    config["data"]["output_folder"] = "cut_output"
+    _save(project, config)
+    result = _cli(["run", "config.json"], cwd=project)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("header suggests about 40 frames") == 1, result.stderr
+    rendered = len(os.listdir(os.path.join(project, "cut_output", "frames")))
+    assert 0 < rendered < 40 and f"done: {rendered} frames in" in result.stdout
