@@ -439,3 +439,18 @@ def test_cupy_and_torch_backends_agree(mode):
     agreement = (nnf_t == nnf_c).all(-1).float().mean().item()
     assert agreement > 0.95, agreement  # a broken kernel gives ~0 with a random init
     assert (style_t - style_c).abs().mean().item() < 1.0
+
+
+def test_each_batch_item_draws_only_from_its_own_seed():
+    """An item's NNF and remapped style are the same alone and in any batch, given its seed (random init too)."""
+    rng = np.random.default_rng(5)
+    frames = [torch.tensor(rng.integers(0, 255, (20, 24, 3)), dtype=torch.float32) for _ in range(6)]
+    matcher = PyramidPatchMatcher(20, 24, minimum_patch_size=3, num_iter=2, initialize="random", device="cpu", backend="torch")
+    sg, tg, ss = torch.stack(frames[:3]), torch.stack(frames[3:]), torch.stack(frames[1:4])
+    nnf_batch, style_batch = matcher.estimate_nnf(sg, tg, ss, seed=[11, 22, 33])
+    nnf_alone, style_alone = matcher.estimate_nnf(sg[1:2], tg[1:2], ss[1:2], seed=[22])
+    assert torch.equal(nnf_batch[1:2], nnf_alone) and torch.equal(style_batch[1:2], style_alone)
+    nnf_other, _ = matcher.estimate_nnf(sg[1:2], tg[1:2], ss[1:2], seed=[23])
+    assert not torch.equal(nnf_other, nnf_alone)  # the seed matters
+    with pytest.raises(ValueError, match="3 seeds for a batch of 2"):
+        matcher.estimate_nnf(sg[:2], tg[:2], ss[:2], seed=[1, 2, 3])

@@ -63,7 +63,11 @@ class NoisyMatcher(IdentityMatcher):
     def estimate_nnf(self, source_guide, target_guide, source_style, seed=None):
         self.calls += 1
         assert seed is not None, "the modes must pass a seed to every engine call"
-        noise = torch.randn(source_style.shape, generator=torch.Generator().manual_seed(seed)) * 3.0
+        if isinstance(seed, int):
+            noise = torch.randn(source_style.shape, generator=torch.Generator().manual_seed(seed)) * 3.0
+        else:  # one seed per task: each item's noise is its own
+            assert len(seed) == source_style.shape[0]
+            noise = torch.stack([torch.randn(source_style.shape[1:], generator=torch.Generator().manual_seed(s)) for s in seed]) * 3.0
         b, h, w, _ = source_guide.shape
         return torch.zeros(b, h, w, 2, dtype=torch.int32), source_style + noise + 0.01 * target_guide
 
@@ -734,3 +738,37 @@ def test_real_engine_on_cuda_deflickers_and_matches_its_own_rerun(flicker_clip):
     assert temporal_difference(first) < 0.35 * temporal_difference(style)
     for a, b in zip(first, second):
         np.testing.assert_array_equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# a frame depends only on the frames of its window and the seed
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("blend", [fast_blend, balanced_blend], ids=["fast", "balanced"])
+def test_a_frame_depends_on_its_window_not_on_the_video_length_or_the_batches(blend):
+    """Frames whose window lies inside both calls are identical for 12 and 20 frames and any batch size.
+
+    Before, every task of a batch drew from one seed derived from the whole batch, and the
+    right pass anchored its Fenwick nodes at frame N - 1: a frame changed with the length of
+    the call (up to 25 levels on the real engine) and with the batch size.
+    """
+    w = 3
+    guide, style = random_frames(20, seed=30), random_frames(20, seed=31)
+    long = as_arrays(frames_of(blend(guide, style, window_size=w, batch_size=4, matcher_factory=noisy_factory, seed=9)))
+    short = as_arrays(frames_of(blend(guide[:12], style[:12], window_size=w, batch_size=4, matcher_factory=noisy_factory, seed=9)))
+    assert np.array_equal(short[: 12 - w], long[: 12 - w])
+    assert not np.array_equal(short[12 - 1], long[12 - 1])  # the last frame's window is cut by the end of the short call
+    other_batches = as_arrays(frames_of(blend(guide, style, window_size=w, batch_size=7, matcher_factory=noisy_factory, seed=9)))
+    assert np.array_equal(other_batches, long)
+
+
+def test_real_engine_frames_do_not_depend_on_the_video_length(flicker_clip):
+    guide, style = flicker_clip
+    w = 2
+    from diffsynth.extensions.FastBlend.runners.common import EngineSettings
+
+    settings = EngineSettings(**TINY_ENGINE)
+    long = as_arrays(frames_of(fast_blend(guide, style, window_size=w, batch_size=3, matcher_factory=settings, seed=4)))
+    short = as_arrays(frames_of(fast_blend(guide[:7], style[:7], window_size=w, batch_size=2, matcher_factory=settings, seed=4)))
+    assert np.array_equal(short[: 7 - w], long[: 7 - w])

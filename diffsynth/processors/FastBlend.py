@@ -52,7 +52,7 @@ logger = logging.getLogger("diffsynth")
 INFERENCE_MODES = ("fast", "balanced", "accurate", "interpolation")
 """Valid ``inference_mode`` values."""
 
-_KEY_VERSION = 1  # bump when the numbers a mode computes change
+_KEY_VERSION = 2  # bump when the numbers a mode computes change (2: per-task seeds, right pass anchored at absolute frames)
 _SUBFOLDERS = ("left", "right", "blended")
 
 
@@ -65,8 +65,10 @@ class FastBlendSmoother(VideoProcessor):
     keyframes; see :meth:`__call__`). ``window_size`` is ``w`` (frames each side),
     ``batch_size`` the patch matches per engine call; the engine settings are the original's
     ``ebsynth_config``. ``device=None``: CUDA when available, else the CPU. ``seed`` makes
-    ``initialize="random"`` and the random search reproducible (each engine call's seed is
-    derived from it and the frames it matches).
+    ``initialize="random"`` and the random search reproducible: every patch match draws from its
+    own seed, derived from this one and the frames it matches, so in fast and balanced modes a
+    frame's result depends only on the frames of its window and the seed, not on the length of
+    the clip nor on how matches are batched (``batch_size`` changes speed only).
 
     Keyword-only extras: ``backend`` (engine backend, ``"auto"``/``"torch"``/``"cupy"``),
     ``partial_dtype`` (fast mode's partial files, float16 by default, see

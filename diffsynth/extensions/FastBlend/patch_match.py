@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -136,14 +137,43 @@ def _mix_seed(*values: int) -> int:
 
 
 class _Random:
-    """All randomness of one `estimate_nnf` call: a host generator for the (tiny) propagation
-    orders and a generator on the device for NNF-sized draws, both derived from one seed."""
+    """All randomness of one `estimate_nnf` call, per batch item.
 
-    def __init__(self, seed: int, device: torch.device):
-        self.host = torch.Generator("cpu")
-        self.host.manual_seed(_mix_seed(seed, 1))
-        self.device = torch.Generator(device)
-        self.device.manual_seed(_mix_seed(seed, 2))
+    Item ``i`` draws only from its own pair of generators, seeded from ``seeds[i]``: a host
+    generator for its (tiny) propagation orders and one on the device for its NNF-sized draws.
+    So an item's result does not depend on which other items share its batch, nor on the batch
+    size, and a caller that seeds each task by what it computes (FastBlend's runners) gets frames
+    that depend only on their window and the seed, however a video is cut into calls. (Tracking,
+    the mean target style and the pairwise error couple the items of a batch by design.)
+    """
+
+    def __init__(self, seeds, device: torch.device):
+        self.hosts, self.devices = [], []
+        for seed in seeds:
+            host = torch.Generator("cpu")
+            host.manual_seed(_mix_seed(seed, 1))
+            dev = torch.Generator(device)
+            dev.manual_seed(_mix_seed(seed, 2))
+            self.hosts.append(host)
+            self.devices.append(dev)
+
+    @classmethod
+    def for_batch(cls, seed, batch: int, device: torch.device) -> "_Random":
+        """``seed``: one int for the whole call (item ``i`` then uses ``(seed, i)``), or one seed per item."""
+        if isinstance(seed, numbers.Integral):
+            return cls([_mix_seed(seed, i) for i in range(batch)], device)
+        seeds = [int(s) for s in seed]
+        if len(seeds) != batch:
+            raise ValueError(f"got {len(seeds)} seeds for a batch of {batch} items; give one seed per item or one int")
+        return cls(seeds, device)
+
+    def randint(self, low: int, high: int, item_shape, device, dtype) -> torch.Tensor:
+        """``(B, *item_shape)`` integers in ``[low, high)``, item ``i`` from its own generator."""
+        return torch.stack([torch.randint(low, high, tuple(item_shape), generator=g, device=device, dtype=dtype) for g in self.devices])
+
+    def orders(self) -> list[list[int]]:
+        """Each item's order of the four propagation directions for one iteration."""
+        return [torch.randperm(4, generator=g).tolist() for g in self.hosts]
 
 
 def _to_bhwc(name: str, x, device: torch.device) -> torch.Tensor:
@@ -591,8 +621,18 @@ class PatchMatcher:
 
     def _random_candidate(self, nnf, rng):
         r = self.random_search_range
-        step = torch.randint(-r, r + 1, nnf.shape, generator=rng.device, device=nnf.device, dtype=nnf.dtype)
+        step = rng.randint(-r, r + 1, nnf.shape[1:], nnf.device, nnf.dtype)
         return _clamp_nnf_(step.add_(nnf), self.height, self.width)
+
+    def _propagation_candidate(self, nnf, directions):
+        """The neighbour candidate of each item for its own direction (one tensor op when all agree)."""
+        if len(set(directions)) == 1:
+            return self._neighbour_candidate(nnf, directions[0])
+        cand = torch.empty_like(nnf)
+        for direction in sorted(set(directions)):
+            index = torch.tensor([i for i, d in enumerate(directions) if d == direction], device=nnf.device)
+            cand[index] = self._neighbour_candidate(nnf.index_select(0, index), direction)
+        return cand
 
     def _track_candidate(self, nnf, d):
         """The match of the batch neighbour d frames away (edge-replicated); within the even and
@@ -611,10 +651,11 @@ class PatchMatcher:
     def estimate_nnf(self, source_guide, target_guide, source_style, nnf, rng=None, seed=0):
         """Refine `nnf` (B, H, W, 2) and return ``(nnf int32, target_style float32 (B, H, W, C))``.
 
-        Randomness comes from `rng` (shared by the pyramid levels) or a fresh one from `seed`.
+        Randomness comes from `rng` (shared by the pyramid levels) or a fresh one from `seed`
+        (one int, or one seed per batch item: see `_Random`).
         """
         with torch.no_grad():
-            rng = rng or _Random(seed, self.device)
+            rng = rng or _Random.for_batch(seed, torch.as_tensor(source_guide).shape[0], self.device)
             return self._estimate(source_guide, target_guide, source_style, nnf, rng)
 
     def _estimate(self, source_guide, target_guide, source_style, nnf, rng, remap_result=True):
@@ -641,8 +682,9 @@ class PatchMatcher:
                 # the mean mode recomputes it per candidate and the pairwise error never reads it.
                 self._set_target_style(packs, self._remap(packs, nnf, k))
             err = self._error(packs, nnf, k)
-            for direction in torch.randperm(4, generator=rng.host).tolist():
-                self._update(packs, nnf, err, self._neighbour_candidate(nnf, direction), k)
+            orders = rng.orders()
+            for step in range(4):
+                self._update(packs, nnf, err, self._propagation_candidate(nnf, [order[step] for order in orders]), k)
             for _ in range(self.random_search_steps):
                 self._update(packs, nnf, err, self._random_candidate(nnf, rng), k)
             for d in range(1, self.tracking_window_size + 1):
@@ -736,7 +778,8 @@ class PyramidPatchMatcher:
     `backend`: "torch", "cupy" or "auto" (cupy when `device` is CUDA and cupy works, else torch).
     `seed`: the base of the per-call randomness; `estimate_nnf(..., seed=s)` uses only `s`, so a
     call is reproducible whatever ran before; with ``seed=None`` the n-th such call uses
-    (self.seed, n). All pyramid resampling happens on `device` (no host round trip per level).
+    (self.seed, n). ``seed`` may also be one seed per batch item: each item then draws only from
+    its own seed, so its result is the same in any batch (see `_Random`). All pyramid resampling happens on `device` (no host round trip per level).
     """
 
     def __init__(
@@ -793,14 +836,9 @@ class PyramidPatchMatcher:
     def initialize_nnf(self, batch_size: int, rng: _Random) -> torch.Tensor:
         h, w = self.pyramid_heights[0], self.pyramid_widths[0]
         if self.initialize == "random":
-            shape = (batch_size, h, w)
-            return torch.stack(
-                [
-                    torch.randint(0, h, shape, generator=rng.device, device=self.device, dtype=torch.int32),
-                    torch.randint(0, w, shape, generator=rng.device, device=self.device, dtype=torch.int32),
-                ],
-                dim=-1,
-            )
+            return torch.stack([torch.stack([torch.randint(0, h, (h, w), generator=g, device=self.device, dtype=torch.int32),
+                                             torch.randint(0, w, (h, w), generator=g, device=self.device, dtype=torch.int32)], dim=-1)
+                                for g in rng.devices])
         rows = torch.arange(h, device=self.device, dtype=torch.int32).view(h, 1).expand(h, w)
         cols = torch.arange(w, device=self.device, dtype=torch.int32).view(1, w).expand(h, w)
         return torch.stack([rows, cols], dim=-1).expand(batch_size, h, w, 2).contiguous()
@@ -810,7 +848,7 @@ class PyramidPatchMatcher:
         if seed is None:
             seed = _mix_seed(self.seed, self._calls)
             self._calls += 1
-        rng = _Random(int(seed), self.device)
+        rng = _Random.for_batch(seed, torch.as_tensor(source_guide).shape[0], self.device)
         with torch.no_grad():
             sg = _to_bhwc("source_guide", source_guide, self.device)
             tg = _to_bhwc("target_guide", target_guide, self.device)

@@ -83,7 +83,7 @@ def balanced_blend(guide: Any, style: Any, out: Store | None = None, *, window_s
         for (kind, value), frames in stream:
             if kind == "batch":
                 results = remap(matcher, device, [frames["guide", s] for s, _ in value], [frames["guide", t] for _, t in value],
-                                [frames["style", s] for s, _ in value], derive_seed(seed, "balanced", value))
+                                [frames["style", s] for s, _ in value], [derive_seed(seed, "balanced", s, t) for s, t in value])
                 stats.engine_calls += 1
                 stats.remaps += len(value)
                 for (_, t), result in zip(value, results):

@@ -265,8 +265,11 @@ def engine_device(matcher: Matcher) -> torch.device | str:
 
 
 def remap(matcher: Matcher, device: str | torch.device, source_guide: Sequence[torch.Tensor],
-          target_guide: Sequence[torch.Tensor], source_style: Sequence[torch.Tensor], seed: int) -> torch.Tensor:
-    """One engine call: stacks the frames, runs ``estimate_nnf`` and returns the remapped styles, float32 on the CPU."""
+          target_guide: Sequence[torch.Tensor], source_style: Sequence[torch.Tensor], seed: int | Sequence[int]) -> torch.Tensor:
+    """One engine call: stacks the frames, runs ``estimate_nnf`` and returns the remapped styles, float32 on the CPU.
+
+    ``seed``: one per task (its result then depends on nothing else in the batch), or one int for the call.
+    """
 
     def stack(frames):
         return torch.stack([f.to(device=device, dtype=torch.float32) for f in frames])

@@ -40,6 +40,8 @@ __all__ = ["fast_blend", "fast_pass", "merge_partials", "MergingStore", "FastMod
 
 logger = logging.getLogger("diffsynth")
 
+_RIGHT_ORIGIN = 1 << 40  # the right pass's positions count down from here (see fast_pass): any video is shorter
+
 
 def fast_blend(guide: Any, style: Any, out: Store | None = None, *, window_size: int = 60, batch_size: int = 8,
                matcher_factory: MatcherFactory | None = None, seed: int = 0, left: Store | None = None,
@@ -93,8 +95,11 @@ def fast_pass(direction: str, readers: dict[str, FrameReader], partial: Store, m
               stats: RunStats | None = None) -> None:
     """One pass (``"left"`` or ``"right"``) of fast mode, writing ``L_t`` (or ``R_t``) of every missing frame into ``partial``.
 
-    The right pass is the left pass on the reversed sequence: pass position ``k`` is frame
-    ``N − 1 − k``. It resumes after the longest committed run of frames from its start.
+    The right pass is the left pass on the reversed sequence: frame ``t`` is pass position
+    ``ORIGIN − 1 − t`` for a fixed ``ORIGIN`` (``2**40``), not ``N − 1 − t``, so the Fenwick nodes
+    (anchored at absolute positions) and the task seeds (derived from frame numbers) of a frame
+    do not depend on the length of the video: a frame's result depends only on the frames of its
+    window and the seed. It resumes after the longest committed run of frames from its start.
     """
     if direction not in ("left", "right"):
         raise ValueError(f"direction must be 'left' or 'right', got {direction!r}")
@@ -103,13 +108,14 @@ def fast_pass(direction: str, readers: dict[str, FrameReader], partial: Store, m
     if not missing:
         return
     forward = direction == "left"
+    lo = 0 if forward else _RIGHT_ORIGIN - n  # the first pass position
 
     def frame(k: int) -> int:
-        return k if forward else n - 1 - k
+        return k if forward else _RIGHT_ORIGIN - 1 - k
 
-    resume_from = missing[0] if forward else n - 1 - missing[-1]
+    resume_from = missing[0] if forward else n - 1 - missing[-1]  # relative to lo
     if resume_from:
-        logger.info("FastBlend %s pass: resuming at frame %d of %d", direction, frame(resume_from), n)
+        logger.info("FastBlend %s pass: resuming at frame %d of %d", direction, frame(lo + resume_from), n)
     stats = stats if stats is not None else RunStats()
 
     def needs(event):
@@ -132,15 +138,15 @@ def fast_pass(direction: str, readers: dict[str, FrameReader], partial: Store, m
         stats.held(len(nodes), len(nodes) + accumulators)
 
     bar = Progress(f"FastBlend {direction} pass", n - resume_from, *progress)
-    events = fast_pass_plan(n, window_size, batch_size, resume_from)
+    events = fast_pass_plan(n, window_size, batch_size, resume_from, lo)
     with WriteBehind(partial, max_pending=2) as writer, prefetched(BatchLoader(readers, needs), events) as stream:
         for event, frames in stream:
             if isinstance(event, TableBatch):
                 tasks = event.tasks
-                call_seed = derive_seed(seed, "fast", direction, "table", tuple((t.source, t.target, t.level) for t in tasks))
+                seeds = [derive_seed(seed, "fast", direction, "table", frame(t.source), frame(t.target), t.level) for t in tasks]
                 results = remap(matcher, device, [frames["guide", frame(t.source)] for t in tasks],
                                 [frames["guide", frame(t.target)] for t in tasks],
-                                [frames["style", frame(t.source)] for t in tasks], call_seed)
+                                [frames["style", frame(t.source)] for t in tasks], seeds)
                 stats.engine_calls += 1
                 stats.remaps += len(tasks)
                 for task, result in zip(tasks, results):
@@ -163,10 +169,10 @@ def fast_pass(direction: str, readers: dict[str, FrameReader], partial: Store, m
                 held()
             elif isinstance(event, WindowBatch):
                 tasks = event.tasks
-                call_seed = derive_seed(seed, "fast", direction, "window", tuple((t.source, t.level, t.target) for t in tasks))
+                seeds = [derive_seed(seed, "fast", direction, "window", frame(t.source), t.level, frame(t.target)) for t in tasks]
                 results = remap(matcher, device, [frames["guide", frame(t.source)] for t in tasks],
                                 [frames["guide", frame(t.target)] for t in tasks],
-                                [nodes[t.source, t.level] for t in tasks], call_seed)
+                                [nodes[t.source, t.level] for t in tasks], seeds)
                 stats.engine_calls += 1
                 stats.remaps += len(tasks)
                 for task, result in zip(tasks, results):

@@ -66,9 +66,12 @@ def fenwick_nodes(left: int, right: int) -> list[tuple[int, int]]:
 
 
 @lru_cache(maxsize=4096)
-def window_nodes(t: int, window_size: int) -> tuple[tuple[int, int], ...]:
-    """Nodes of target ``t``'s left window ``[max(t - w, 0), t]``; the first one is ``(t, level)``."""
-    return tuple(fenwick_nodes(max(t - window_size, 0), t))
+def window_nodes(t: int, window_size: int, lo: int = 0) -> tuple[tuple[int, int], ...]:
+    """Nodes of target ``t``'s left window ``[max(t - w, lo), t]``; the first one is ``(t, level)``.
+
+    ``lo`` is the first position of the pass (0, or the right pass's origin, see ``fast_pass``).
+    """
+    return tuple(fenwick_nodes(max(t - window_size, lo), t))
 
 
 def original_task_list(n: int) -> list[tuple[int, int, int]]:
@@ -96,22 +99,22 @@ def original_task_list(n: int) -> list[tuple[int, int, int]]:
 
 
 @lru_cache(maxsize=4096)
-def node_users(s: int, n: int, window_size: int) -> tuple[tuple[int, tuple[int, ...]], ...]:
-    """For frame ``s``: ``((level, (t, ...)), ...)``, each node ``(s, level)`` some window uses, with its users, sorted.
+def node_users(s: int, n: int, window_size: int, lo: int = 0) -> tuple[tuple[int, tuple[int, ...]], ...]:
+    """For position ``s``: ``((level, (t, ...)), ...)``, each node ``(s, level)`` some window uses, with its users, sorted.
 
-    Users lie in ``[s, min(n - 1, s + w)]``: a window reaches ``w`` frames back.
+    Positions run over ``[lo, n)``; users lie in ``[s, min(n - 1, s + w)]``: a window reaches ``w`` frames back.
     """
     users: dict[int, list[int]] = {}
     for t in range(s, min(n - 1, s + window_size) + 1):
-        for source, level in window_nodes(t, window_size):
+        for source, level in window_nodes(t, window_size, lo):
             if source == s:
                 users.setdefault(level, []).append(t)
     return tuple((level, tuple(ts)) for level, ts in sorted(users.items()))
 
 
-def frame_levels(s: int, n: int, window_size: int) -> tuple[int, ...]:
-    """The levels of the nodes at frame ``s`` that some window uses (never empty: target ``s`` uses one)."""
-    return tuple(level for level, _ in node_users(s, n, window_size))
+def frame_levels(s: int, n: int, window_size: int, lo: int = 0) -> tuple[int, ...]:
+    """The levels of the nodes at position ``s`` that some window uses (never empty: target ``s`` uses one)."""
+    return tuple(level for level, _ in node_users(s, n, window_size, lo))
 
 
 def table_tasks(s: int, top: int) -> list[tuple[int, int, int]]:
@@ -178,19 +181,23 @@ class TargetReady:
     keep: bool
 
 
-def _table_stream(n: int, window_size: int) -> Iterator[tuple[int, list[tuple[int, int, int]]]]:
-    for s in range(n):
-        yield s, table_tasks(s, max(frame_levels(s, n, window_size)))
+def _table_stream(lo: int, end: int, window_size: int) -> Iterator[tuple[int, list[tuple[int, int, int]]]]:
+    for s in range(lo, end):
+        yield s, table_tasks(s, max(frame_levels(s, end, window_size, lo)))
 
 
-def _window_stream(n: int, window_size: int) -> Iterator[tuple[int, list[tuple[int, int, int]]]]:
-    for t in range(n):
-        yield t, [(s, level, t) for s, level in window_nodes(t, window_size)[1:]]
+def _window_stream(lo: int, end: int, window_size: int) -> Iterator[tuple[int, list[tuple[int, int, int]]]]:
+    for t in range(lo, end):
+        yield t, [(s, level, t) for s, level in window_nodes(t, window_size, lo)[1:]]
 
 
-def fast_pass_plan(n: int, window_size: int, batch_size: int, resume_from: int = 0
+def fast_pass_plan(n: int, window_size: int, batch_size: int, resume_from: int = 0, lo: int = 0
                    ) -> Iterator[TableBatch | NodeReady | WindowBatch | TargetReady]:
-    """The events of one left-to-right pass over ``n`` frames, in execution order.
+    """The events of one left-to-right pass over ``n`` frames at positions ``lo .. lo + n - 1``, in execution order.
+
+    Nodes are anchored at absolute positions (node ``(s, l)`` has ``s + 1`` a multiple of
+    ``2**l``), so which remaps a target's window needs depends on its position and ``lo`` only,
+    never on ``n`` (except that no window reaches past the last position).
 
     Two task streams are each cut into fixed batches (:func:`chunk_with_completion`): the
     table remaps, frame by frame, and the window remaps, target by target. Window batches
@@ -207,7 +214,9 @@ def fast_pass_plan(n: int, window_size: int, batch_size: int, resume_from: int =
         return
     if window_size < 0 or batch_size < 1:
         raise ValueError(f"window_size must be >= 0 and batch_size >= 1, got {window_size} and {batch_size}")
-    windows = chunk_with_completion(_window_stream(n, window_size), batch_size)
+    end = lo + n
+    resume_from += lo
+    windows = chunk_with_completion(_window_stream(lo, end, window_size), batch_size)
 
     # Skip window batches (and targets) before the first one that holds a target >= resume_from.
     first_event = None
@@ -229,14 +238,14 @@ def fast_pass_plan(n: int, window_size: int, batch_size: int, resume_from: int =
         """``{level: last user}`` of the nodes at ``s`` that a target >= first_target uses."""
         if s not in keep_levels:
             kept = []
-            for level, users in node_users(s, n, window_size):
+            for level, users in node_users(s, end, window_size, lo):
                 if users[-1] >= first_target:
                     kept.append((level, users[-1]))
             keep_levels[s] = tuple(kept)
         return keep_levels[s]
 
-    tables = chunk_with_completion(_table_stream(n, window_size), batch_size)
-    complete = 0  # frames < complete have all their table tasks run (or skipped)
+    tables = chunk_with_completion(_table_stream(lo, end, window_size), batch_size)
+    complete = lo  # positions < complete have all their table tasks run (or skipped)
 
     def tables_through(frame: int) -> Iterator[TableBatch | NodeReady]:
         nonlocal complete
@@ -263,8 +272,8 @@ def fast_pass_plan(n: int, window_size: int, batch_size: int, resume_from: int =
         else:
             t = value
             yield from tables_through(t)
-            level = window_nodes(t, window_size)[0][1]
-            yield TargetReady(t, level, t - max(t - window_size, 0) + 1, t >= resume_from)
+            level = window_nodes(t, window_size, lo)[0][1]
+            yield TargetReady(t, level, t - max(t - window_size, lo) + 1, t >= resume_from)
 
     yield from emit(kind, value)
     for kind, value in windows:
