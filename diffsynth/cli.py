@@ -139,7 +139,11 @@ def _render(config: dict, rerun_hint: str, config_dir: str | None = None) -> int
 def cmd_run(args: argparse.Namespace) -> int:
     """Render a video from a runner config; rerunning the same config resumes."""
     config = load_config(args.config)
-    return _render(config, f"run `diffsynth run {args.config}` again", config_dir=os.path.dirname(os.path.abspath(args.config)))
+    hint = f"diffsynth run {args.config}"
+    if args.output_folder:  # a command-line path: relative to the working directory
+        config["data"]["output_folder"] = os.path.abspath(args.output_folder)
+        hint += f" --output-folder {args.output_folder}"
+    return _render(config, f"run `{hint}` again", config_dir=os.path.dirname(os.path.abspath(args.config)))
 
 
 # Where each stage's files live, relative to the output folder (runner.py and sd_video.py's layout).
@@ -194,15 +198,19 @@ def stage_table(out: str, config: dict | None = None, check_keys: bool = True, c
     step_folders = sorted(f"latents/{d}" for d in (os.listdir(latents) if os.path.isdir(latents) else []) if d.startswith("step_") and d != "step_000")
     # With FastBlend's fast mode smoother/blended is stage 7's (its right pass merges into it); otherwise stage 8's.
     passes = SDVideoPipelineRunner.smoother_has_passes(config or {})
+    # A chain of FastBlend alone writes frames/ itself: with passes, frames/ is stage 7's (its right pass merges into it).
+    direct = passes and SDVideoPipelineRunner.smoother_writes_frames(config or {})
     smoother = os.path.join(out, "smoother")
     smoother_other = [f"smoother/{d}" for d in (sorted(os.listdir(smoother)) if os.path.isdir(smoother) else [])
                       if d not in (("left", "blended") if passes else ("left",)) and os.path.isdir(os.path.join(smoother, d))]
     folders = dict(_STAGE_FOLDERS)
     if not passes:
         folders[7] = []
+    elif direct:
+        folders[7] = ["frames"]
     folders[4] = step_folders + ["smoothed"]
     folders[5] = ["latents/decoded" if final_smoothing else "frames"]
-    folders[8] = smoother_other + (["frames"] if final_smoothing else [])
+    folders[8] = smoother_other + (["frames"] if final_smoothing and not direct else [])
 
     def frames_done(sid: int, record: dict) -> str:
         if n is None:
@@ -432,6 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="render a video from a runner config (.json or .yaml); rerun the same command to resume")
     p.add_argument("config", help="DiffSynth-Studio runner config: models, data, pipeline, smoother_configs")
+    p.add_argument("--output-folder", default=None, metavar="DIR", help="render into DIR instead of the config's data.output_folder")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("status", help="stage table of a runner output folder: done/partial/pending, frames, disk, cache keys")

@@ -413,3 +413,12 @@ def test_to_the_end_of_a_video_whose_header_lies_warns_once_and_counts(project):
     assert result.stderr.count("header suggests about 40 frames") == 1, result.stderr
     rendered = len(os.listdir(os.path.join(project, "cut_output", "frames")))
     assert 0 < rendered < 40 and f"done: {rendered} frames in" in result.stdout
+
+
+def test_output_folder_option_overrides_the_config(project, tmp_path):
+    other = tmp_path / "second_render"
+    result = _cli(["run", "config.json", "--output-folder", str(other)], cwd=project)
+    assert result.returncode == 0, result.stderr
+    assert len(os.listdir(other / "frames")) == FRAMES and (other / "video.mp4").is_file()
+    assert _load(str(other))["data"]["output_folder"] == str(other)
+    assert _snapshot(other / "frames") == _snapshot(os.path.join(project, "output", "frames"))  # same config, same frames

@@ -184,7 +184,8 @@ def test_changing_a_final_smoother_parameter_reuses_the_denoising(smooth_project
 
 
 def test_fastblend_works_in_the_output_folder_and_drives_stages_6_to_8(smooth_project, tmp_path):
-    """Stage 6 = left pass, 7 = right pass merging each frame (no right-pass files), 8 = frames/."""
+    """Stage 6 = left pass, 7 = right pass merging each frame straight into frames/ (no right-pass files, no
+    second copy of the frames in smoother/blended), 8 = nothing left to write for FastBlend alone."""
     from diffsynth.cli import stage_table
 
     out = tmp_path / "out"
@@ -192,18 +193,26 @@ def test_fastblend_works_in_the_output_folder_and_drives_stages_6_to_8(smooth_pr
     config["data"]["keep_intermediates"] = True
     events = []
     SDVideoPipelineRunner(progress_bar_cmd=None, progress_callback=events.append).run(config)
-    for sub in ("left", "blended"):  # smoother/ of the run, not a temporary folder
-        assert len([f for f in os.listdir(out / "smoother" / sub) if f[0].isdigit()]) == 8, sub
+    assert len([f for f in os.listdir(out / "smoother" / "left") if f[0].isdigit()]) == 8  # smoother/ of the run, not a temporary folder
     assert not os.path.exists(out / "smoother" / "right")  # R_t is merged at once, never stored
+    assert not os.path.exists(out / "smoother" / "blended")  # merged into frames/ directly
     stages = json.load(open(out / "manifest.json"))["stages"]
     assert stages["6"]["bytes"] > 0 and stages["7"]["bytes"] > 0 and "note" not in stages["6"]
-    assert stages["7"]["bytes"] == sum(os.path.getsize(out / "smoother" / "blended" / f) for f in os.listdir(out / "smoother" / "blended"))
-    # each smoother stage reported its frames one by one, in order 6, 7, 8
+    assert stages["7"]["bytes"] == sum(os.path.getsize(out / "frames" / f) for f in os.listdir(out / "frames"))
+    # stages 6 and 7 reported their frames one by one, in order 6, 7, then 8
     per_stage = [int(e.stage.split()[0]) for e in events if e.stage.split()[0] in ("6", "7", "8")]
-    assert per_stage == sorted(per_stage) and all(per_stage.count(s) >= 8 for s in (6, 7, 8)), per_stage
+    assert per_stage == sorted(per_stage) and all(per_stage.count(s) >= 8 for s in (6, 7)) and 8 in per_stage, per_stage
     rows = {r["id"]: r for r in stage_table(str(out))["rows"]}
     assert [rows[s]["status"] for s in (6, 7, 8)] == ["done"] * 3
-    assert rows[6]["frames"] == rows[7]["frames"] == rows[8]["frames"] == "8/8" and rows[6]["bytes"] > rows[7]["bytes"] > 0
+    assert rows[6]["frames"] == rows[7]["frames"] == "8/8" and rows[6]["bytes"] > rows[7]["bytes"] > 0
+
+    chained = tmp_path / "chained"  # FastBlend followed by another processor: stage 8 writes its output into frames/
+    config = _with_out(smooth_project, chained)
+    config["smoother_configs"] = config["smoother_configs"] + [{"processor_type": "Contrast", "config": {"rate": 1.0}}]
+    config["data"]["keep_intermediates"] = True
+    SDVideoPipelineRunner(progress_bar_cmd=None).run(config)
+    assert len([f for f in os.listdir(chained / "smoother" / "blended") if f[0].isdigit()]) == 8
+    assert np.array_equal(_frames(str(chained)), _frames(str(out)))  # contrast 1.0 changes nothing
 
     plain = tmp_path / "plain"  # without keep_intermediates the smoother's files go once frames/ is written
     SDVideoPipelineRunner(progress_bar_cmd=None).run(_with_out(smooth_project, plain))

@@ -69,8 +69,17 @@ _STAGE_EVENTS = {1: "annotate", 3: "initial latents", 4: "denoise", 5: "decode"}
 # FastBlend fast mode's progress stages (extensions/FastBlend/runners/fast.py) -> runner stages. The right
 # pass merges as it goes; a separate "FastBlend merge" pass runs only for a caller's own right= store.
 _FASTBLEND_STAGES = {"FastBlend left pass": 6, "FastBlend right pass": 7}
-# Where each pass stage's files are, under smoother/ (the right pass's are the merged frames).
-_PASS_FOLDERS = {6: "left", 7: "blended"}
+
+
+def _writes_frames(configs) -> bool:
+    """The smoother chain is one FastBlend: it writes its result straight into ``frames/`` (no copy in ``smoother/blended``)."""
+    return (isinstance(configs, (list, tuple)) and len(configs) == 1 and isinstance(configs[0], dict)
+            and configs[0].get("processor_type") == "FastBlend")
+
+
+def _pass_folders(writes_frames: bool) -> dict[int, str]:
+    """Where stages 6-7's files are, relative to the output folder (the right pass's are the merged frames)."""
+    return {6: "smoother/left", 7: "frames" if writes_frames else "smoother/blended"}
 
 
 def denoising_plan(inputs: dict, num_frames: int) -> dict:
@@ -183,11 +192,14 @@ class _SmootherStages:
     def __init__(self):
         self.target = None
         self.installed = False  # set by _load_smoother when a fast-mode FastBlend reports here
+        self.direct = None  # set by _load_smoother: the chain's only processor, a FastBlend writing into frames/
+        self.folders: dict[int, str] = {}
         self.current: int | None = None
         self.counted: dict[int, int] = {}
 
-    def activate(self, manifest: Manifest, keys: dict[int, str], progress: _Progress, out: str) -> None:
+    def activate(self, manifest: Manifest, keys: dict[int, str], progress: _Progress, out: str, folders: dict[int, str]) -> None:
         self.target = (manifest, keys, progress, out)
+        self.folders = folders
         self.current: int | None = None
         self.counted: dict[int, int] = {}
 
@@ -199,7 +211,7 @@ class _SmootherStages:
         manifest, keys, progress, out = self.target
         for sid in range(6, stage_id):
             if not manifest.is_done(sid, keys[sid]):
-                manifest.finish(sid, keys[sid], bytes=path_bytes(os.path.join(out, "smoother", _PASS_FOLDERS[sid])))
+                manifest.finish(sid, keys[sid], bytes=path_bytes(os.path.join(out, self.folders[sid])))
             progress.finish_stage(sid)
         if self.current != stage_id:
             self.current = stage_id
@@ -600,15 +612,24 @@ class SDVideoPipelineRunner:
         the next pass's first event (or the end) finishes it. Stage 8 writes the result
         (through any processors chained after FastBlend) into ``frames/``, one unit per
         frame. Without a fast-mode FastBlend, stages 6 and 7 finish at once and all the
-        smoothing is stage 8.
+        smoothing is stage 8. A chain of FastBlend alone writes ``frames/`` itself (fast mode:
+        its right pass merges each frame straight into it), so no second copy of the frames
+        is ever on disk and stage 8 has nothing left to write.
         """
+        def smooth_into_frames():
+            if stages.direct is not None:  # FastBlend alone writes frames/ itself: no second copy in smoother/blended
+                stages.direct.smooth(source, VideoFrames(decoded), result_folder=frames.folder)
+                return None
+            return smoother(VideoFrames(decoded), original_frames=source)
+
         if stages.installed:
-            stages.activate(manifest, keys, progress, out)
+            stages.activate(manifest, keys, progress, out, _pass_folders(stages.direct is not None))
             try:
                 stages.enter(6)
-                result = smoother(VideoFrames(decoded), original_frames=source)
+                result = smooth_into_frames()
                 stages.enter(8)  # finishes 6 and 7 too when their frames were all on disk already
-                _put_all(frames, progress.each(result))
+                if result is not None:
+                    _put_all(frames, progress.each(result))
             finally:
                 stages.deactivate()
         else:
@@ -617,7 +638,9 @@ class SDVideoPipelineRunner:
                 progress.finish_stage(sid)
             progress.set_stage(8, STAGE_NAMES[8])
             manifest.begin(8, keys[8])
-            _put_all(frames, progress.each(smoother(VideoFrames(decoded), original_frames=source)))
+            result = smooth_into_frames()
+            if result is not None:
+                _put_all(frames, progress.each(result))
         manifest.finish(8, keys[8], bytes=frames.nbytes())
 
     # ------------------------------------------------------------------ helpers
@@ -713,8 +736,8 @@ class SDVideoPipelineRunner:
                 elif sid == 4:
                     steps = manifest.data["stages"]["4"].get("steps_done", 0)
                     done[sid] = steps * weight // max(denoising_plan(plan["config"]["pipeline"]["pipeline_inputs"], n)["steps"], 1)
-                elif sid in _PASS_FOLDERS:  # stage 8 rewrites frames/ whole: a partial one counts nothing
-                    done[sid] = count_frame_files(os.path.join(out, "smoother", _PASS_FOLDERS[sid]))
+                elif sid in (6, 7):  # stage 8 rewrites frames/ whole: a partial one counts nothing
+                    done[sid] = count_frame_files(os.path.join(out, _pass_folders(_writes_frames(plan["config"].get("smoother_configs")))[sid]))
         return done
 
     def _load_pipeline(self, config: dict) -> tuple[SDVideoPipeline, ModelManager]:
@@ -729,6 +752,11 @@ class SDVideoPipelineRunner:
         units = [ControlNetConfigUnit(**u) for u in models.get("controlnet_units", [])]
         pipe = SDVideoPipeline.from_model_manager(model_manager, units, annotator_folder=models.get("annotator_folder", "models/Annotators"))
         return pipe, model_manager
+
+    @staticmethod
+    def smoother_writes_frames(config: dict) -> bool:
+        """Whether the final smoothing writes ``frames/`` itself (the chain is one FastBlend) instead of stage 8 copying into it."""
+        return _writes_frames(config.get("smoother_configs"))
 
     @staticmethod
     def smoother_has_passes(config: dict) -> bool:
@@ -747,6 +775,7 @@ class SDVideoPipelineRunner:
         """
         configs = config.get("smoother_configs")
         stages.installed = False
+        stages.direct = None
         if not configs:
             return None, False
         from ..processors import SequencialProcessor
@@ -766,4 +795,7 @@ class SDVideoPipelineRunner:
                     stages.installed = True
                 entry["config"] = options
             entries.append(entry)
-        return SequencialProcessor.from_model_manager(model_manager, entries), owns_cache
+        chain = SequencialProcessor.from_model_manager(model_manager, entries)
+        if _writes_frames(configs):
+            stages.direct = chain.processors[0]
+        return chain, owns_cache
