@@ -772,3 +772,28 @@ def test_real_engine_frames_do_not_depend_on_the_video_length(flicker_clip):
     long = as_arrays(frames_of(fast_blend(guide, style, window_size=w, batch_size=3, matcher_factory=settings, seed=4)))
     short = as_arrays(frames_of(fast_blend(guide[:7], style[:7], window_size=w, batch_size=2, matcher_factory=settings, seed=4)))
     assert np.array_equal(short[: 7 - w], long[: 7 - w])
+
+
+def test_released_left_partials_shrink_as_frames_merge_and_a_rerun_recomputes_none(tmp_path):
+    """``keep_left=False``: each L_t is deleted once F_t is committed; a kill in the right pass costs no left remap."""
+    n, size = 16, (5, 4)
+    guide, style = random_frames(n, seed=40), random_frames(n, seed=41)
+    params = dict(window_size=3, batch_size=4, matcher_factory=noisy_factory, seed=2)
+    reference = fast_stores(None, n, size, keep_right=False)
+    fast_blend(guide, style, reference["out"], left=reference["left"], **params)
+
+    stores = fast_stores(str(tmp_path), n, size, keep_right=False)
+    allowed = 6
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fast_blend(guide, style, FailAfterPuts(stores["out"], allowed), left=stores["left"], keep_left=False, **params)
+    merged = [i for i in range(n) if i in stores["out"]]
+    assert len(merged) == allowed
+    assert not any(i in stores["left"] for i in merged)  # released as they merged
+    assert all(i in stores["left"] for i in range(n) if i not in merged)  # the others still wait for their merge
+    fresh = fast_stores(str(tmp_path), n, size, keep_right=False)
+    stats = RunStats()
+    fast_blend(guide, style, fresh["out"], left=fresh["left"], keep_left=False, stats=stats, **params)
+    assert stats.frames_written == n - allowed  # the right pass resumed; the left pass had nothing to do
+    assert not any(i in fresh["left"] for i in range(n))
+    for a, b in zip(frames_of(reference["out"]), frames_of(fresh["out"])):
+        np.testing.assert_array_equal(a, b)

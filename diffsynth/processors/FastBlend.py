@@ -192,7 +192,7 @@ class FastBlendSmoother(VideoProcessor):
         mode = self.inference_mode
         if mode == "fast":
             fast_blend(guide, style, stores["result"], window_size=self.window_size, left=stores["left"],
-                       partial_dtype=self.partial_dtype, **common)
+                       partial_dtype=self.partial_dtype, keep_left=self.keep_partials, **common)
         elif mode == "balanced":
             balanced_blend(guide, style, stores["result"], window_size=self.window_size, **common)
         elif mode == "accurate":

@@ -46,7 +46,7 @@ _RIGHT_ORIGIN = 1 << 40  # the right pass's positions count down from here (see 
 def fast_blend(guide: Any, style: Any, out: Store | None = None, *, window_size: int = 60, batch_size: int = 8,
                matcher_factory: MatcherFactory | None = None, seed: int = 0, left: Store | None = None,
                right: Store | None = None, partial_dtype: torch.dtype = torch.float16, frame_cache: int | None = None,
-               progress_bar_cmd=None, progress_callback=None, stats: RunStats | None = None) -> Store:
+               progress_bar_cmd=None, progress_callback=None, stats: RunStats | None = None, keep_left: bool = True) -> Store:
     """Deflicker ``style`` guided by ``guide`` (stores or frame sequences) in fast mode; returns ``out``.
 
     ``out`` is a writable image store of ``N`` slots (default: in memory); ``left`` is a tensor
@@ -58,7 +58,9 @@ def fast_blend(guide: Any, style: Any, out: Store | None = None, *, window_size:
     what is missing and gives the same frames as an uninterrupted run. The stores must hold
     results of these same inputs and settings (``FastBlendSmoother`` keys its cache folder so).
     ``frame_cache`` is how many decoded frames of each input to keep (default
-    ``window_size + batch_size + 2``, about one read per frame and pass).
+    ``window_size + batch_size + 2``, about one read per frame and pass). ``keep_left=False``
+    deletes each ``L_t`` as soon as ``F_t`` is committed (the disk then holds about one partial
+    or final file per frame at a time, not both); a rerun computes no ``L_t`` of a final frame.
     """
     guide, style, n, (width, height) = open_inputs(guide, style)
     if window_size < 0 or batch_size < 1:
@@ -79,12 +81,13 @@ def fast_blend(guide: Any, style: Any, out: Store | None = None, *, window_size:
     stats = stats if stats is not None else RunStats()
     progress = (progress_bar_cmd, progress_callback)
     if right is None:  # the default: merge each frame as soon as its R_t is ready
-        right_out = MergingStore(left, readers["style"].store, out, window_size, size=(width, height), dtype=partial_dtype)
+        right_out = MergingStore(left, readers["style"].store, out, window_size, size=(width, height), dtype=partial_dtype,
+                                 release_left=not keep_left)
     else:
         right_out = right
     for direction, partial in (("left", left), ("right", right_out)):
         fast_pass(direction, readers, partial, matcher, device, window_size=window_size, batch_size=batch_size, seed=seed,
-                  partial_dtype=partial_dtype, progress=progress, stats=stats)
+                  partial_dtype=partial_dtype, progress=progress, stats=stats, final=out if direction == "left" else None)
     if right is not None:
         merge_partials(left, right, readers["style"].store, out, window_size, size=(width, height), progress=progress)
     return out
@@ -92,8 +95,10 @@ def fast_blend(guide: Any, style: Any, out: Store | None = None, *, window_size:
 
 def fast_pass(direction: str, readers: dict[str, FrameReader], partial: Store, matcher, device, *, window_size: int,
               batch_size: int, seed: int, partial_dtype: torch.dtype = torch.float16, progress=(None, None),
-              stats: RunStats | None = None) -> None:
+              stats: RunStats | None = None, final: Store | None = None) -> None:
     """One pass (``"left"`` or ``"right"``) of fast mode, writing ``L_t`` (or ``R_t``) of every missing frame into ``partial``.
+
+    ``final``: the output store; frames already in it are not missing (their partial is not needed).
 
     The right pass is the left pass on the reversed sequence: frame ``t`` is pass position
     ``ORIGIN − 1 − t`` for a fixed ``ORIGIN`` (``2**40``), not ``N − 1 − t``, so the Fenwick nodes
@@ -105,6 +110,8 @@ def fast_pass(direction: str, readers: dict[str, FrameReader], partial: Store, m
         raise ValueError(f"direction must be 'left' or 'right', got {direction!r}")
     n = len(partial)
     missing = partial.missing()
+    if final is not None:  # frames already final need no partial (their L_t may have been released after the merge)
+        missing = [i for i in missing if i not in final]
     if not missing:
         return
     forward = direction == "left"
@@ -210,14 +217,15 @@ class MergingStore(Store):
     (:func:`merge_frame`) and puts the result into ``out``; it runs on the pass's write-behind
     thread, so it reads the style frames through a reader of its own. ``missing()`` is
     ``out.missing()`` (the pass resumes after the final frames committed from its start) and
-    nothing can be read back: ``R_t`` is gone once merged.
+    nothing can be read back: ``R_t`` is gone once merged. With ``release_left`` the merged
+    frame's ``L_t`` is deleted too, so the left partials shrink as the final frames grow.
     """
 
     def __init__(self, left: Store, style: Store, out: Store, window_size: int, *, size: tuple[int, int],
-                 dtype: torch.dtype):
+                 dtype: torch.dtype, release_left: bool = False):
         width, height = size
         super().__init__(len(out), TensorCodec((height, width, 3), dtype))  # validates and snapshots R_t on put
-        self.left, self.out, self.window_size = left, out, window_size
+        self.left, self.out, self.window_size, self.release_left = left, out, window_size, release_left
         self._style = FrameReader(style, size, 1, "style")  # the writer thread's own: FrameReader is not thread-safe
 
     def missing(self) -> list[int]:
@@ -232,6 +240,8 @@ class MergingStore(Store):
     def _put(self, slot: int, value) -> None:
         right_t = self.codec.canonical(value, copy=False)
         self.out.put(slot, merge_frame(slot, len(self), self.window_size, self.left[slot], right_t, self._style[slot]))
+        if self.release_left:  # F_t is committed: L_t is never read again (a rerun skips the left pass for final frames)
+            self.left.delete(slot)
 
     def _delete(self, slot: int) -> None:
         self.out.delete(slot)
