@@ -146,9 +146,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     return _render(config, f"run `{hint}` again", config_dir=os.path.dirname(os.path.abspath(args.config)))
 
 
-# Where each stage's files live, relative to the output folder (runner.py and sd_video.py's layout).
-_STAGE_FOLDERS = {0: ["source_images"], 1: ["controlnet_caches"], 2: ["prompt"], 3: ["latents/step_000"],
-                  6: ["smoother/left"], 7: ["smoother/blended"], 9: ["video.mp4"]}
 _INTERMEDIATES = ("source_images", "controlnet_caches", "prompt", "latents", "smoothed", "smoother")
 _FINAL = ("frames", "video.mp4")
 _RUN_FILES = ("manifest.json", "last_process_id.txt")
@@ -170,6 +167,7 @@ def stage_table(out: str, config: dict | None = None, check_keys: bool = True, c
 
     from .cache.manifest import STAGES, Manifest
     from .pipelines.runner import SDVideoPipelineRunner
+    from .pipelines.stages import STAGE_TABLE, StageView
 
     if not os.path.isfile(os.path.join(out, "manifest.json")) and not os.path.isfile(os.path.join(out, "config.json")):
         raise ValueError(f"{out} is not a runner output folder (it has no manifest.json or config.json)")
@@ -192,25 +190,10 @@ def stage_table(out: str, config: dict | None = None, check_keys: bool = True, c
     inputs = (config or {}).get("pipeline", {}).get("pipeline_inputs", {})
     record4 = manifest.data["stages"].get("4", {})
     steps = record4.get("steps", inputs.get("num_inference_steps", 20))
-    ids = set(inputs.get("smoother_progress_ids", []))
-    final_smoothing = bool((config or {}).get("smoother_configs")) and (-1 in ids or steps in ids)
+    view = StageView(config or {}, n, out)
+    final_smoothing = view.final_smoothing
     latents = os.path.join(out, "latents")
-    step_folders = sorted(f"latents/{d}" for d in (os.listdir(latents) if os.path.isdir(latents) else []) if d.startswith("step_") and d != "step_000")
-    # With FastBlend's fast mode smoother/blended is stage 7's (its right pass merges into it); otherwise stage 8's.
-    passes = SDVideoPipelineRunner.smoother_has_passes(config or {})
-    # A chain of FastBlend alone writes frames/ itself: with passes, frames/ is stage 7's (its right pass merges into it).
-    direct = passes and SDVideoPipelineRunner.smoother_writes_frames(config or {})
-    smoother = os.path.join(out, "smoother")
-    smoother_other = [f"smoother/{d}" for d in (sorted(os.listdir(smoother)) if os.path.isdir(smoother) else [])
-                      if d not in (("left", "blended") if passes else ("left",)) and os.path.isdir(os.path.join(smoother, d))]
-    folders = dict(_STAGE_FOLDERS)
-    if not passes:
-        folders[7] = []
-    elif direct:
-        folders[7] = ["frames"]
-    folders[4] = step_folders + ["smoothed"]
-    folders[5] = ["latents/decoded" if final_smoothing else "frames"]
-    folders[8] = smoother_other + (["frames"] if final_smoothing and not direct else [])
+    folders = {stage.id: stage.files(view) for stage in STAGE_TABLE}  # the table says where each stage's files are
 
     def frames_done(sid: int, record: dict) -> str:
         if n is None:

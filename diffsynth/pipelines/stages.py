@@ -1,0 +1,563 @@
+"""The runner's 10 stages as a table: one object per stage (DESIGN.md §3, "Stages as data").
+
+Each :class:`Stage` knows its name, the files it owns in the output folder (what ``diffsynth
+status`` measures and what invalidation deletes), its work units (the progress weight; the
+unit of the estimates), how many of them are already on disk, and how to run. The runner,
+``diffsynth status`` and the tools after them read this table; a stage's facts are written
+only here. Cache keys are computed in one place too (``SDVideoPipelineRunner.stage_keys``).
+
+Stages run in order over a :class:`RunContext` (what they share in one run: stores, the
+pipeline, the embeddings, the latents). Stages 6-8 are one smoothing call: FastBlend's pass
+events move them along (:class:`SmootherStages`); stage 6 runs it, 8 cleans up.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from typing import Any
+
+import torch
+
+from ..cache import Prefetcher, WriteBehind, image_store, tensor_store
+from ..cache.manifest import STAGE_NAMES, Manifest
+from ..data import save_video
+from ..progress import ProgressEvent
+from ..prompts import BeautifulPrompt
+from ..schedulers.ddim import ddim_timesteps
+from ..utils.atomic import atomic_save_safetensors, is_temp_name
+from ..utils.sizes import count_frame_files, path_bytes
+from .sd_video import VideoFrames, WindowJournal, _put_all, _remove_store, sliding_windows
+
+logger = logging.getLogger("diffsynth")
+
+# FastBlend fast mode's progress stages (extensions/FastBlend/runners/fast.py) -> runner stages. The right
+# pass merges as it goes; a separate "FastBlend merge" pass runs only for a caller's own right= store.
+_FASTBLEND_STAGES = {"FastBlend left pass": 6, "FastBlend right pass": 7}
+
+
+# ---------------------------------------------------------------------- what a config says about the stages
+
+
+def denoising_plan(inputs: dict, num_frames: int) -> dict:
+    """What the denoising loop will do, from ``pipeline_inputs`` alone (no models).
+
+    ``steps``: timesteps actually run (fewer than ``num_inference_steps`` when
+    ``denoising_strength`` < 1); ``in_loop``: the step indices smoothed inside the loop;
+    ``final``: whether the decoded frames are smoothed (``-1`` or ``num_inference_steps``
+    in ``smoother_progress_ids``, as the original); ``window_frames``: frames summed over
+    one step's sliding windows (the unit of stage 4's progress).
+    """
+    num_inference_steps = inputs.get("num_inference_steps", 20)
+    steps = len(ddim_timesteps(num_inference_steps, inputs.get("denoising_strength", 1.0)))
+    ids = set(inputs.get("smoother_progress_ids", []))
+    windows = sliding_windows(num_frames, inputs.get("animatediff_batch_size", 16), inputs.get("animatediff_stride", 8))
+    return {"steps": steps, "in_loop": sorted(i for i in ids if 0 <= i < steps),
+            "final": -1 in ids or num_inference_steps in ids, "window_frames": sum(w.end - w.start for w in windows)}
+
+
+def reports_passes(entry) -> bool:
+    """A ``smoother_configs`` entry whose passes become stages 6-7: a fast-mode FastBlend that reports to no one else."""
+    options = (entry.get("config") or {}) if isinstance(entry, dict) else {}
+    return (isinstance(entry, dict) and entry.get("processor_type") == "FastBlend"
+            and options.get("inference_mode", "fast") == "fast" and "progress_callback" not in options)
+
+
+def writes_frames(configs) -> bool:
+    """The smoother chain is one FastBlend: it writes its result straight into ``frames/`` (no copy in ``smoother/blended``)."""
+    return (isinstance(configs, (list, tuple)) and len(configs) == 1 and isinstance(configs[0], dict)
+            and configs[0].get("processor_type") == "FastBlend")
+
+
+class StageView:
+    """What the table needs to know about a render, without models or inputs: its config, frame count and folder.
+
+    ``n`` may be None (``diffsynth status`` of a folder whose frame count is unknown): then
+    the work units are unknown too.
+    """
+
+    def __init__(self, config: dict, n: int | None, out: str):
+        self.config, self.n, self.out = config, n, out
+        self.inputs = (config.get("pipeline") or {}).get("pipeline_inputs") or {}
+        self.units = len((config.get("models") or {}).get("controlnet_units") or [])
+        smoother = config.get("smoother_configs") or []
+        self.smoother = bool(smoother)
+        ids = set(self.inputs.get("smoother_progress_ids", []))
+        self.final_smoothing = self.smoother and (-1 in ids or self.inputs.get("num_inference_steps", 20) in ids)
+        self.passes = any(reports_passes(entry) for entry in smoother)
+        self.direct = writes_frames(smoother)  # FastBlend alone writes frames/ (in stage 7 with passes, else in 8)
+        self.denoise = denoising_plan(self.inputs, n) if n else None
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.out, name)
+
+
+# ---------------------------------------------------------------------- the table
+
+
+class Stage:
+    """One row of the table. ``deletes``: what invalidating the stage removes (relative to the output folder)."""
+
+    id: int
+    deletes: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return STAGE_NAMES[self.id]
+
+    def files(self, view: StageView) -> list[str]:
+        """The files and folders holding this stage's results (relative), for sizes and frame counts."""
+        return []
+
+    def weight(self, view: StageView) -> int:
+        """Work units of the whole stage: frames (annotations: frames × units; denoising: frames × windows × steps)."""
+        return view.n
+
+    def partial_units(self, view: StageView, manifest: Manifest) -> int:
+        """Units committed on disk by an unfinished run under the current key (0 where a partial result counts nothing)."""
+        return 0
+
+    def units_done(self, view: StageView, manifest: Manifest, key: str) -> int:
+        """Units already done: all of a finished stage, the committed ones of a partial one under the same key."""
+        if manifest.is_done(self.id, key):
+            return self.weight(view)
+        if manifest.key_of(self.id) == key:
+            return min(self.partial_units(view, manifest), self.weight(view))
+        return 0
+
+    def run(self, ctx: "RunContext") -> None:
+        raise NotImplementedError
+
+
+class SourceFrames(Stage):
+    id, deletes = 0, ("source_images",)
+
+    def files(self, view):
+        return ["source_images"]
+
+    def partial_units(self, view, manifest):
+        return count_frame_files(view.path("source_images"))
+
+    def run(self, ctx):
+        ctx.progress.set_stage(0, self.name)
+        source = ctx.source
+        if not ctx.manifest.is_done(0, ctx.keys[0]) or not source.complete():
+            ctx.manifest.begin(0, ctx.keys[0])
+            with WriteBehind(source) as writer:
+                for i, frame in Prefetcher(ctx.plan["source"], source.missing()):
+                    writer.put(i, frame)
+                    ctx.progress.advance(1)
+            ctx.manifest.finish(0, ctx.keys[0], frames=ctx.n, bytes=source.nbytes())
+        ctx.progress.finish_stage(0)
+
+
+class Annotations(Stage):
+    id, deletes = 1, ("controlnet_caches",)
+
+    def files(self, view):
+        return ["controlnet_caches"]
+
+    def weight(self, view):
+        return view.n * view.units
+
+    def partial_units(self, view, manifest):
+        return sum(count_frame_files(view.path(os.path.join("controlnet_caches", str(k)))) for k in range(view.units))
+
+    def run(self, ctx):
+        pipe = ctx.load_models()
+        ctx.progress.set_stage(1, self.name)
+        if pipe.controlnet is not None:
+            if not ctx.manifest.is_done(1, ctx.keys[1]):
+                ctx.manifest.begin(1, ctx.keys[1])
+            ctx.cond_stores = pipe.annotate(ctx.plan["controls"], ctx.n, ctx.width, ctx.height, ctx.out, ctx.progress)
+            ctx.manifest.finish(1, ctx.keys[1], bytes=sum(s.nbytes() for s in ctx.cond_stores))
+        else:
+            ctx.manifest.finish(1, ctx.keys[1], skipped="no ControlNet units")
+        ctx.progress.finish_stage(1)
+
+
+class PromptEmbeddings(Stage):
+    id, deletes = 2, ("prompt",)
+    file = os.path.join("prompt", "embeddings.safetensors")
+
+    def files(self, view):
+        return ["prompt"]
+
+    def run(self, ctx):
+        pipe, inputs = ctx.load_models(), ctx.inputs
+        ctx.progress.set_stage(2, self.name)
+        path = os.path.join(ctx.out, self.file)
+        embs = _load_embeddings(path) if ctx.manifest.is_done(2, ctx.keys[2]) and os.path.isfile(path) else None
+        if embs is None:
+            ctx.manifest.begin(2, ctx.keys[2])
+            if isinstance(pipe.prompter.beautiful_prompt, BeautifulPrompt):
+                # Sample with the run's seed, not a draw from the global RNG (which depends on what ran
+                # before in this process): a recomputed prompt stage refines the prompt identically.
+                pipe.prompter.beautiful_prompt.seed = int(ctx.config["pipeline"].get("seed", 0))
+            # Both, always: whether denoising uses the negative one depends on cfg_scale, which is not in this stage's key.
+            clip_skip = inputs.get("clip_skip", 1)
+            embs = {"posi": pipe.prompter.encode_prompt(pipe.text_encoder, inputs["prompt"], clip_skip=clip_skip, device=pipe.device).cpu().contiguous(),
+                    "nega": pipe.prompter.encode_prompt(pipe.text_encoder, inputs.get("negative_prompt", ""), clip_skip=clip_skip,
+                                                        device=pipe.device, positive=False).cpu().contiguous()}
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            atomic_save_safetensors(embs, path)
+            ctx.manifest.finish(2, ctx.keys[2])
+        ctx.progress.advance(ctx.n)
+        ctx.emb_posi = embs["posi"].to(pipe.device, pipe.torch_dtype)
+        ctx.emb_nega = embs["nega"].to(pipe.device, pipe.torch_dtype) if inputs.get("cfg_scale", 7.5) != 1.0 else None
+
+
+class InitialLatents(Stage):
+    """Noise (or encode + noise) per frame, in ``latents/step_000``; skipped when denoising is done or resumes a later step."""
+
+    id = 3
+
+    def files(self, view):
+        return ["latents/step_000"]
+
+    def run(self, ctx):
+        pipe, inputs, manifest, keys = ctx.load_models(), ctx.inputs, ctx.manifest, ctx.keys
+        strength = inputs.get("denoising_strength", 1.0)
+        pipe.scheduler.set_timesteps(inputs.get("num_inference_steps", 20), strength)
+        ctx.num_steps = len(pipe.scheduler.timesteps)
+        ctx.final_latents = tensor_store(os.path.join(ctx.out, "latents", f"step_{ctx.num_steps:03d}"), ctx.n)
+        ctx.need_denoise = not (manifest.is_done(4, keys[4]) and ctx.final_latents.complete())
+        if ctx.need_denoise:
+            ctx.progress.set_stage(3, self.name)
+            ctx.current = current_generation(ctx.out, ctx.n, ctx.num_steps) if manifest.key_of(4) == keys[4] else 0
+            if ctx.current == 0:
+                manifest.begin(3, keys[3])
+                generator = torch.Generator().manual_seed(int(ctx.config["pipeline"].get("seed", 0)))
+                input_frames = ctx.source if strength < 1.0 else None
+                ctx.latents = pipe.initial_latents(input_frames, ctx.n, ctx.width, ctx.height, strength, ctx.out, generator, ctx.progress)
+                manifest.finish(3, keys[3], bytes=ctx.latents.nbytes())
+            else:
+                ctx.latents = tensor_store(os.path.join(ctx.out, "latents", f"step_{ctx.current:03d}"), ctx.n)
+                manifest.finish(3, keys[3], note="consumed by denoising")
+        elif not manifest.is_done(3, keys[3]):
+            manifest.finish(3, keys[3], note="consumed by denoising")
+        ctx.progress.finish_stage(3)
+
+
+class Denoising(Stage):
+    """Every step over the sliding windows, one latent generation per step (``latents/step_<s>``), journalled per window."""
+
+    id, deletes = 4, ("latents", "smoothed")
+
+    def files(self, view):
+        latents = view.path("latents")
+        steps = sorted(f"latents/{d}" for d in (os.listdir(latents) if os.path.isdir(latents) else []) if d.startswith("step_") and d != "step_000")
+        return steps + ["smoothed"]
+
+    def weight(self, view):
+        return view.denoise["steps"] * view.denoise["window_frames"]
+
+    def partial_units(self, view, manifest):
+        steps_done = manifest.data["stages"]["4"].get("steps_done", 0)
+        return steps_done * self.weight(view) // max(view.denoise["steps"], 1)
+
+    def run(self, ctx):
+        if ctx.need_denoise:
+            self._denoise(ctx)
+        ctx.progress.finish_stage(4)
+
+    @staticmethod
+    def _denoise(ctx):
+        pipe, inputs, out, n, manifest = ctx.pipe, ctx.inputs, ctx.out, ctx.n, ctx.manifest
+        ctx.progress.set_stage(4, STAGE_NAMES[4])
+        manifest.begin(4, ctx.keys[4])
+        options = dict(cfg_scale=inputs.get("cfg_scale", 7.5), animatediff_batch_size=inputs.get("animatediff_batch_size", 16),
+                       animatediff_stride=inputs.get("animatediff_stride", 8), unet_batch_size=inputs.get("unet_batch_size", 1),
+                       controlnet_batch_size=inputs.get("controlnet_batch_size", 1), cross_frame_attention=inputs.get("cross_frame_attention", False),
+                       vram_limit_level=inputs.get("vram_limit_level", 0))
+        smoother_ids = set(inputs.get("smoother_progress_ids", []))
+        latents = ctx.latents
+        shape = latents[0].shape
+        for g in range(ctx.current):  # what a kill between two steps left: older generations, journals of finished steps
+            _remove_store(tensor_store(os.path.join(out, "latents", f"step_{g:03d}"), n))
+            WindowJournal(os.path.join(out, "latents", f"step_{g + 1:03d}_journal")).remove()
+        for step in range(ctx.current, ctx.num_steps):
+            nxt = tensor_store(os.path.join(out, "latents", f"step_{step + 1:03d}"), n, shape=shape, dtype=torch.float32)
+            journal = WindowJournal(os.path.join(out, "latents", f"step_{step + 1:03d}_journal"))
+            if not nxt.complete():
+                if ctx.smoother is not None and step in smoother_ids:
+                    pipe._smoothed_step(step, latents, nxt, ctx.cond_stores, ctx.emb_posi, ctx.emb_nega, options, ctx.progress, ctx.smoother,
+                                        ctx.source, out, shape)
+                else:
+                    pipe.denoise_step(step, latents, nxt, ctx.cond_stores, ctx.emb_posi, ctx.emb_nega, options, ctx.progress, journal=journal)
+            journal.remove()  # denoise_step removes it too, unless a kill came between the step's last commit and that
+            _remove_store(latents)
+            latents = nxt
+            manifest.update(4, steps_done=step + 1, steps=ctx.num_steps)
+        manifest.finish(4, ctx.keys[4], steps_done=ctx.num_steps, bytes=latents.nbytes())
+
+
+class Decode(Stage):
+    """The VAE decode in fp32: into ``frames/``, or ``latents/decoded`` when a smoother acts on the decoded frames."""
+
+    id, deletes = 5, ("latents",)
+
+    def files(self, view):
+        return ["latents/decoded" if view.final_smoothing else "frames"]
+
+    def run(self, ctx):
+        manifest, keys = ctx.manifest, ctx.keys
+        ctx.progress.set_stage(5, self.name)
+        ctx.final_smoothing = ctx.smoother is not None and denoising_plan(ctx.inputs, ctx.n)["final"]  # as the original: only when asked for
+        frames = ctx.frames
+        ctx.decoded = image_store(os.path.join(ctx.out, "latents", "decoded"), ctx.n, size=(ctx.width, ctx.height)) if ctx.final_smoothing else frames
+        ctx.smoothed = ctx.final_smoothing and manifest.is_done(8, keys[8]) and frames.complete()
+        if not ctx.smoothed and not (manifest.is_done(5, keys[5]) and ctx.decoded.complete()):
+            manifest.begin(5, keys[5])
+            ctx.pipe.decode(ctx.final_latents, ctx.decoded, ctx.progress)
+            manifest.finish(5, keys[5], bytes=ctx.decoded.nbytes())
+        ctx.progress.finish_stage(5)
+
+
+def pass_folders(direct: bool) -> dict[int, str]:
+    """Where stages 6-7's files are, relative to the output folder (the right pass's are the merged frames)."""
+    return {6: "smoother/left", 7: "frames" if direct else "smoother/blended"}
+
+
+class SmootherLeft(Stage):
+    """FastBlend's left pass; this stage runs the whole final smoothing (stages 6-8 are one smoother call)."""
+
+    id, deletes = 6, ("smoother",)
+
+    def files(self, view):
+        return [pass_folders(view.direct)[6]]
+
+    def partial_units(self, view, manifest):
+        return count_frame_files(view.path(pass_folders(view.direct)[self.id]))
+
+    def run(self, ctx):
+        if ctx.final_smoothing:
+            if not ctx.smoothed:
+                smooth(ctx)
+        else:
+            for sid in (6, 7, 8):
+                ctx.manifest.finish(sid, ctx.keys[sid], skipped="no smoother" if ctx.smoother is None else "the smoother runs only inside the denoising loop")
+                ctx.progress.finish_stage(sid)
+
+
+class SmootherRight(SmootherLeft):
+    """FastBlend's right pass, merging each frame as soon as it is ready (into ``frames/`` when FastBlend is the whole chain)."""
+
+    id, deletes = 7, ("smoother",)
+
+    def files(self, view):
+        return [pass_folders(view.direct)[7]] if view.passes and view.final_smoothing else []
+
+    def run(self, ctx):
+        """Ran inside stage 6's smoother call."""
+
+
+class SmootherOutput(Stage):
+    """The smoothed frames written into ``frames/`` (through processors chained after FastBlend); then the smoother's files go."""
+
+    id, deletes = 8, ("smoother", "frames")
+
+    def files(self, view):
+        smoother = view.path("smoother")
+        own = ("left", "blended") if view.passes else ("left",)
+        other = [f"smoother/{d}" for d in (sorted(os.listdir(smoother)) if os.path.isdir(smoother) else [])
+                 if d not in own and os.path.isdir(os.path.join(smoother, d))]
+        return other + (["frames"] if view.final_smoothing and not (view.direct and view.passes) else [])
+
+    def run(self, ctx):
+        for sid in (6, 7, 8):
+            ctx.progress.finish_stage(sid)
+        if ctx.final_smoothing and not ctx.keep:  # the smoothed frames are in frames/: the unsmoothed ones are no longer needed
+            _remove_store(ctx.decoded)
+        if not ctx.keep and ctx.owns_cache and os.path.isdir(os.path.join(ctx.out, "smoother")):
+            shutil.rmtree(os.path.join(ctx.out, "smoother"))  # FastBlend's cache: its results are in frames/ (or the latents)
+
+
+class VideoEncode(Stage):
+    id, deletes = 9, ("video.mp4",)
+
+    def files(self, view):
+        return ["video.mp4"]
+
+    def run(self, ctx):
+        ctx.progress.set_stage(9, self.name)
+        video_path = os.path.join(ctx.out, "video.mp4")
+        if not (ctx.manifest.is_done(9, ctx.keys[9]) and os.path.isfile(video_path)):
+            ctx.manifest.begin(9, ctx.keys[9])
+            _remove_temp_files(ctx.out, "video.mp4")
+            save_video(VideoFrames(ctx.frames), video_path, fps=ctx.config["data"].get("fps", 30), progress_bar_cmd=ctx.progress.each)
+            ctx.manifest.finish(9, ctx.keys[9], bytes=os.path.getsize(video_path))
+        ctx.progress.finish_stage(9)
+
+
+STAGE_TABLE: tuple[Stage, ...] = (SourceFrames(), Annotations(), PromptEmbeddings(), InitialLatents(), Denoising(), Decode(),
+                                  SmootherLeft(), SmootherRight(), SmootherOutput(), VideoEncode())
+assert [stage.id for stage in STAGE_TABLE] == sorted(STAGE_NAMES)
+
+
+# ---------------------------------------------------------------------- one run
+
+
+class RunContext:
+    """What the stages of one run share: the plan, manifest, keys and progress, the stores, and the models once loaded."""
+
+    def __init__(self, runner, plan: dict, manifest: Manifest, keys: dict[int, str], progress):
+        self.runner, self.plan, self.manifest, self.keys, self.progress = runner, plan, manifest, keys, progress
+        self.config = plan["config"]
+        self.inputs = self.config["pipeline"]["pipeline_inputs"]
+        self.out = self.config["data"]["output_folder"]
+        self.n, self.width, self.height = plan["num_frames"], plan["width"], plan["height"]
+        self.keep = self.config["data"].get("keep_intermediates", False)
+        self.source = image_store(os.path.join(self.out, "source_images"), self.n, size=(self.width, self.height))
+        self.frames = image_store(os.path.join(self.out, "frames"), self.n, size=(self.width, self.height))
+        self.pipe = self.model_manager = self.smoother = None
+        self.smoother_stages = SmootherStages()
+        self.owns_cache = False
+        self.cond_stores: list = []
+        self.emb_posi = self.emb_nega = None
+        self.latents = self.final_latents = self.decoded = None
+        self.num_steps, self.current, self.need_denoise = 0, 0, False
+        self.final_smoothing = self.smoothed = False
+
+    def load_models(self):
+        """The pipeline (and the smoother chain), loaded on first use: after stage 0, which needs none."""
+        if self.pipe is None:
+            self.pipe, self.model_manager = self.runner._load_pipeline(self.config)
+            self.smoother, self.owns_cache = self.runner._load_smoother(self.config, self.model_manager, self.smoother_stages)
+        return self.pipe
+
+
+def current_generation(out: str, n: int, num_steps: int) -> int:
+    """The newest complete latent generation on disk (0 if none)."""
+    for g in range(num_steps, -1, -1):
+        folder = os.path.join(out, "latents", f"step_{g:03d}")
+        if os.path.isdir(folder) and tensor_store(folder, n).complete():
+            return g
+    return 0
+
+
+# ---------------------------------------------------------------------- the smoother's stages
+
+
+class SmootherStages:
+    """Turns the final smoothing into stages 6-8: FastBlend's pass events begin and finish stages 6-7.
+
+    Installed as the ``progress_callback`` of the chain's first fast-mode FastBlend. Its
+    events count only while :meth:`activate` is in effect (the final smoothing); inside
+    the denoising loop the same smoother's work belongs to stage 4.
+    """
+
+    def __init__(self):
+        self.target = None
+        self.installed = False  # set by _load_smoother when a fast-mode FastBlend reports here
+        self.direct = None  # set by _load_smoother: the chain's only processor, a FastBlend writing into frames/
+        self.folders: dict[int, str] = {}
+        self.current: int | None = None
+        self.counted: dict[int, int] = {}
+
+    def activate(self, manifest: Manifest, keys: dict[int, str], progress, out: str, folders: dict[int, str]) -> None:
+        self.target = (manifest, keys, progress, out)
+        self.folders = folders
+        self.current = None
+        self.counted = {}
+
+    def deactivate(self) -> None:
+        self.target = None
+
+    def enter(self, stage_id: int) -> None:
+        """Finish every smoother stage before ``stage_id`` not yet finished, then begin ``stage_id``."""
+        manifest, keys, progress, out = self.target
+        for sid in range(6, stage_id):
+            if not manifest.is_done(sid, keys[sid]):
+                manifest.finish(sid, keys[sid], bytes=path_bytes(os.path.join(out, self.folders[sid])))
+            progress.finish_stage(sid)
+        if self.current != stage_id:
+            self.current = stage_id
+            if not manifest.is_done(stage_id, keys[stage_id]):
+                manifest.begin(stage_id, keys[stage_id])
+            progress.set_stage(stage_id, STAGE_NAMES[stage_id])
+
+    def __call__(self, event: ProgressEvent) -> None:
+        stage_id = _FASTBLEND_STAGES.get(event.stage)
+        if self.target is None or stage_id is None or (self.current is not None and stage_id < self.current):
+            return
+        self.enter(stage_id)
+        if event.done == 0:
+            self.counted[stage_id] = 0  # a pass announces itself with done=0
+            return
+        progress = self.target[2]
+        progress.advance(event.done - self.counted.get(stage_id, 0))
+        self.counted[stage_id] = event.done
+
+
+def smooth(ctx: RunContext) -> None:
+    """Stages 6-8 on the decoded frames, into ``frames/``.
+
+    With a fast-mode FastBlend in the chain its pass events move stages 6 and 7 along
+    (:class:`SmootherStages`); a pass already complete on disk reports nothing, and
+    the next pass's first event (or the end) finishes it. Stage 8 writes the result
+    (through any processors chained after FastBlend) into ``frames/``, one unit per
+    frame. Without a fast-mode FastBlend, stages 6 and 7 finish at once and all the
+    smoothing is stage 8. A chain of FastBlend alone writes ``frames/`` itself (fast mode:
+    its right pass merges each frame straight into it), so no second copy of the frames
+    is ever on disk and stage 8 has nothing left to write.
+    """
+    stages, manifest, keys, progress, frames = ctx.smoother_stages, ctx.manifest, ctx.keys, ctx.progress, ctx.frames
+
+    def smooth_into_frames():
+        if stages.direct is not None:  # FastBlend alone writes frames/ itself: no second copy in smoother/blended
+            stages.direct.smooth(ctx.source, VideoFrames(ctx.decoded), result_folder=frames.folder)
+            return None
+        return ctx.smoother(VideoFrames(ctx.decoded), original_frames=ctx.source)
+
+    if stages.installed:
+        stages.activate(manifest, keys, progress, ctx.out, pass_folders(stages.direct is not None))
+        try:
+            stages.enter(6)
+            result = smooth_into_frames()
+            stages.enter(8)  # finishes 6 and 7 too when their frames were all on disk already
+            if result is not None:
+                _put_all(frames, progress.each(result))
+        finally:
+            stages.deactivate()
+    else:
+        for sid in (6, 7):
+            manifest.finish(sid, keys[sid], note="no left/right passes: this smoother runs in stage 8")
+            progress.finish_stage(sid)
+        progress.set_stage(8, STAGE_NAMES[8])
+        manifest.begin(8, keys[8])
+        result = smooth_into_frames()
+        if result is not None:
+            _put_all(frames, progress.each(result))
+    manifest.finish(8, keys[8], bytes=frames.nbytes())
+
+
+# ---------------------------------------------------------------------- small helpers
+
+
+def _remove_temp_files(folder: str, name: str) -> None:
+    """Remove the temporary files of ``name`` that a killed run left in ``folder``.
+
+    A killed video encode leaves the most: its ffmpeg keeps running until its input
+    pipe closes and completes a partial video under the temporary name.
+    """
+    for entry in os.listdir(folder):
+        if is_temp_name(entry) and entry.startswith(f".{name}."):
+            os.remove(os.path.join(folder, entry))
+
+
+def _load_embeddings(path: str) -> dict[str, Any] | None:
+    """The cached prompt embeddings, or None (with a warning, the file deleted) when unusable."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        embs = load_file(path)
+        reason = None if {"posi", "nega"} <= set(embs) else f"it holds {sorted(embs)}, not posi and nega"
+    except (SafetensorError, OSError) as exc:
+        reason = str(exc)
+    if reason is None:
+        return embs
+    logger.warning("cache file %s is unusable (%s); deleted, so the prompt embeddings will be recomputed", path, reason)
+    os.remove(path)
+    return None
