@@ -199,6 +199,7 @@ def test_fastblend_works_in_the_output_folder_and_drives_stages_6_to_8(smooth_pr
     stages = json.load(open(out / "manifest.json"))["stages"]
     assert stages["6"]["bytes"] > 0 and stages["7"]["bytes"] > 0 and "note" not in stages["6"]
     assert stages["7"]["bytes"] == sum(os.path.getsize(out / "frames" / f) for f in os.listdir(out / "frames"))
+    assert stages["8"]["bytes"] == 0 and "stage 7" in stages["8"]["note"]  # frames/ counted once
     # stages 6 and 7 reported their frames one by one, in order 6, 7, then 8
     per_stage = [int(e.stage.split()[0]) for e in events if e.stage.split()[0] in ("6", "7", "8")]
     assert per_stage == sorted(per_stage) and all(per_stage.count(s) >= 8 for s in (6, 7)) and 8 in per_stage, per_stage

@@ -529,7 +529,10 @@ def smooth(ctx: RunContext) -> None:
         result = smooth_into_frames()
         if result is not None:
             _put_all(frames, progress.each(result))
-    manifest.finish(8, keys[8], bytes=frames.nbytes())
+    if stages.installed and stages.direct is not None:  # frames/ is stage 7's: do not count it twice
+        manifest.finish(8, keys[8], bytes=0, note="FastBlend merged every frame into frames/ in stage 7")
+    else:
+        manifest.finish(8, keys[8], bytes=frames.nbytes())
 
 
 # ---------------------------------------------------------------------- small helpers
