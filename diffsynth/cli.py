@@ -9,6 +9,7 @@ from collections import Counter
 
 import torch
 
+from .cache.previous import PREVIOUS_FOLDER
 from .utils.sizes import count_frame_files, human_bytes, path_bytes
 
 
@@ -229,7 +230,7 @@ def stage_table(out: str, config: dict | None = None, check_keys: bool = True, c
         if status == "done" and not size and not note and folders[sid]:
             note = "consumed by denoising" if sid == 3 else "files deleted once used"
         rows.append({"id": sid, "name": name, "status": status, "frames": frames_done(sid, record), "bytes": size, "key": key, "note": note})
-    previous = os.path.join(out, "previous")
+    previous = os.path.join(out, PREVIOUS_FOLDER)
     kept = [os.path.join(previous, d) for d in sorted(os.listdir(previous)) if not d.startswith(".")] if os.path.isdir(previous) else []
     return {"out": out, "frames": n, "rows": rows, "last_done": manifest.last_done(), "key_problem": key_problem, "total_bytes": path_bytes(out),
             "previous": [{"path": p, "bytes": path_bytes(p)} for p in kept]}
@@ -269,9 +270,9 @@ def cmd_clean(args: argparse.Namespace) -> int:
     if not os.path.isfile(os.path.join(out, "manifest.json")) and not os.path.isfile(os.path.join(out, "config.json")):
         raise ValueError(f"{out} is not a runner output folder (it has no manifest.json or config.json); nothing removed")
     if args.previous:
-        names = ["previous"]
+        names = [PREVIOUS_FOLDER]
     else:
-        names = list(_INTERMEDIATES) + ([] if args.keep_final else list(_FINAL) + ["previous"] + list(_RUN_FILES))
+        names = list(_INTERMEDIATES) + ([] if args.keep_final else list(_FINAL) + [PREVIOUS_FOLDER] + list(_RUN_FILES))
         names += [n for n in os.listdir(out) if is_temp_name(n)]  # left by a killed run
     freed = 0
     for name in names:

@@ -26,12 +26,6 @@ class PathOrigin:
     tried: tuple[str, ...]
     resolved: str
 
-    def describe(self) -> str:
-        if self.written == self.resolved:
-            return f"{self.key} = {self.written}"
-        tried = " or ".join(self.tried)
-        return f"{self.key} = {self.written!r} (looked for {tried})"
-
 
 def resolve_path(value: str, config_dir: str | None) -> tuple[str, tuple[str, ...]]:
     """``(resolved absolute path, candidates tried)`` by the module's rule."""

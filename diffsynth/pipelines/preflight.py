@@ -134,9 +134,9 @@ def _check_models(config: dict, origins: dict[str, PathOrigin], checked: Checked
         if loras != len(alphas):
             checked.add("models.lora_alphas", f"has {len(alphas)} entr{'y' if len(alphas) == 1 else 'ies'} but models.model_list holds {loras} LoRA file(s)",
                         "give one strength per LoRA file, in the order of the list")
-    if models.get("textual_inversion_folder"):
+    folder = models.get("textual_inversion_folder")
+    if folder:
         key = "models.textual_inversion_folder"
-        folder = models[key.split(".")[1]]
         if not os.path.isdir(folder):
             checked.add(key, "folder not found" if not os.path.exists(folder) else "is not a folder",
                         "create it with the embeddings the prompts name (e.g. verybadimagenegative_v1.3.pt), correct the path, or remove the key", origins.get(key))
@@ -149,13 +149,14 @@ def _check_models(config: dict, origins: dict[str, PathOrigin], checked: Checked
         if unit["processor_id"] not in PROCESSOR_IDS:
             checked.add(f"{key}.processor_id", f"unknown processor {unit['processor_id']!r}", f"use one of {', '.join(PROCESSOR_IDS)}")
         path = unit["model_path"]
-        if os.path.realpath(path) not in listed:
-            if os.path.exists(path):
-                checked.add(f"{key}.model_path", f"{path} is not in models.model_list, so it would not be loaded", "add it to models.model_list", origins.get(f"{key}.model_path"))
-            elif not any(p.key.startswith("models.model_list") and p.origin and p.origin.resolved == path for p in checked.problems):
-                checked.add(f"{key}.model_path", "ControlNet file not found", _missing_remedy(path, "ControlNet file"), origins.get(f"{key}.model_path"))
-        elif checked.families.get(listed[os.path.realpath(path)], "controlnet") not in ("controlnet", "controlnet_diffusers", "diffusers_folder"):
-            checked.add(f"{key}.model_path", f"is a {checked.families[listed[os.path.realpath(path)]]} file, not a ControlNet", "point the unit at a ControlNet file (control_v11*.pth)")
+        entry = listed.get(os.path.realpath(path))
+        family = checked.families.get(entry)  # None: not listed, or listed and already reported as unusable
+        if entry is None and os.path.exists(path):
+            checked.add(f"{key}.model_path", f"{path} is not in models.model_list, so it would not be loaded", "add it to models.model_list", origins.get(f"{key}.model_path"))
+        elif entry is None:
+            checked.add(f"{key}.model_path", "ControlNet file not found", _missing_remedy(path, "ControlNet file"), origins.get(f"{key}.model_path"))
+        elif family is not None and family not in ("controlnet", "controlnet_diffusers", "diffusers_folder"):
+            checked.add(f"{key}.model_path", f"is a {family} file, not a ControlNet", "point the unit at a ControlNet file (control_v11*.pth)")
     _check_annotators(models, origins, checked)
 
 

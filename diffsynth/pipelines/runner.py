@@ -423,16 +423,6 @@ class SDVideoPipelineRunner:
         return pipe, model_manager
 
     @staticmethod
-    def smoother_writes_frames(config: dict) -> bool:
-        """Whether the final smoothing writes ``frames/`` itself (the chain is one FastBlend) instead of stage 8 copying into it."""
-        return writes_frames(config.get("smoother_configs"))
-
-    @staticmethod
-    def smoother_has_passes(config: dict) -> bool:
-        """Whether the final smoothing has stages 6-7 of its own: the chain holds a fast-mode FastBlend (see ``_load_smoother``)."""
-        return any(reports_passes(entry) for entry in config.get("smoother_configs") or [])
-
-    @staticmethod
     def _load_smoother(config: dict, model_manager: ModelManager, stages: SmootherStages) -> tuple[Any, bool]:
         """The ``smoother_configs`` chain (or None) and whether its cache folder is the run's ``smoother/``.
 

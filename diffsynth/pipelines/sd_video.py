@@ -464,6 +464,7 @@ class SDVideoPipeline:
         """
         from ..cache.manifest import stable_hash
         from ..cache.previous import keep_previous
+        from ..utils.sizes import count_frame_files
 
         def sample(frames):
             if frames is None or not len(frames):
@@ -485,8 +486,8 @@ class SDVideoPipeline:
             if previous == key:
                 return
             logger.warning("%s holds the files of a different pipeline call; clearing them", root)
-            frames = os.path.join(root, "frames")  # a rerun never deletes finished frames: they go to previous/
-            keep_previous(root, ["frames"], finished=os.path.isdir(frames) and any(not n.startswith(".") for n in os.listdir(frames)))
+            # a rerun never deletes finished frames: they go to previous/
+            keep_previous(root, ["frames"], finished=count_frame_files(os.path.join(root, "frames")) > 0)
             for name in ("controlnet_caches", "latents", "smoothed", "smoother", "frames"):
                 if os.path.isdir(os.path.join(root, name)):
                     shutil.rmtree(os.path.join(root, name))

@@ -39,6 +39,12 @@ _FASTBLEND_STAGES = {"FastBlend left pass": 6, "FastBlend right pass": 7}
 # ---------------------------------------------------------------------- what a config says about the stages
 
 
+def smooths_final_frames(inputs: dict) -> bool:
+    """Whether ``smoother_progress_ids`` asks for the decoded frames to be smoothed (``-1`` or ``num_inference_steps``, as the original)."""
+    ids = set(inputs.get("smoother_progress_ids", []))
+    return -1 in ids or inputs.get("num_inference_steps", 20) in ids
+
+
 def denoising_plan(inputs: dict, num_frames: int) -> dict:
     """What the denoising loop will do, from ``pipeline_inputs`` alone (no models).
 
@@ -53,7 +59,7 @@ def denoising_plan(inputs: dict, num_frames: int) -> dict:
     ids = set(inputs.get("smoother_progress_ids", []))
     windows = sliding_windows(num_frames, inputs.get("animatediff_batch_size", 16), inputs.get("animatediff_stride", 8))
     return {"steps": steps, "in_loop": sorted(i for i in ids if 0 <= i < steps),
-            "final": -1 in ids or num_inference_steps in ids, "window_frames": sum(w.end - w.start for w in windows)}
+            "final": smooths_final_frames(inputs), "window_frames": sum(w.end - w.start for w in windows)}
 
 
 def reports_passes(entry) -> bool:
@@ -82,8 +88,7 @@ class StageView:
         self.units = len((config.get("models") or {}).get("controlnet_units") or [])
         smoother = config.get("smoother_configs") or []
         self.smoother = bool(smoother)
-        ids = set(self.inputs.get("smoother_progress_ids", []))
-        self.final_smoothing = self.smoother and (-1 in ids or self.inputs.get("num_inference_steps", 20) in ids)
+        self.final_smoothing = self.smoother and smooths_final_frames(self.inputs)
         self.passes = any(reports_passes(entry) for entry in smoother)
         self.direct = writes_frames(smoother)  # FastBlend alone writes frames/ (in stage 7 with passes, else in 8)
         self.denoise = denoising_plan(self.inputs, n) if n else None
@@ -303,7 +308,7 @@ class Decode(Stage):
     def run(self, ctx):
         manifest, keys = ctx.manifest, ctx.keys
         ctx.progress.set_stage(5, self.name)
-        ctx.final_smoothing = ctx.smoother is not None and denoising_plan(ctx.inputs, ctx.n)["final"]  # as the original: only when asked for
+        ctx.final_smoothing = ctx.smoother is not None and smooths_final_frames(ctx.inputs)  # as the original: only when asked for
         frames = ctx.frames
         ctx.decoded = image_store(os.path.join(ctx.out, "latents", "decoded"), ctx.n, size=(ctx.width, ctx.height)) if ctx.final_smoothing else frames
         ctx.smoothed = ctx.final_smoothing and manifest.is_done(8, keys[8]) and frames.complete()

@@ -52,7 +52,6 @@ ANNOTATOR_FILES: tuple[AnnotatorFile, ...] = (
     AnnotatorFile("hand_pose_model.pth", "openpose", "OpenPose hand network", (_POSE_HEAD,), (r"_L1\.",), ("conv6_2_CPM.weight", 0, 22)),
     AnnotatorFile("facenet.pth", "openpose", "OpenPose face network", (_POSE_HEAD,), (r"_L1\.",), ("conv6_2_CPM.weight", 0, 71)),
 )
-BY_FILENAME = {entry.filename: entry for entry in ANNOTATOR_FILES}
 
 
 def needed_files(processor_id: str) -> tuple[AnnotatorFile, ...]:
@@ -67,9 +66,7 @@ def identify_annotator_file(header: dict) -> AnnotatorFile | None:
 
 
 def depth_alternative(folder: str) -> str | None:
-    """A transformers DPT folder that the depth annotator reads instead of the MiDaS file (see ``DepthDetector.from_folder``)."""
+    """A transformers DPT folder that the depth annotator reads when the MiDaS file is absent (see ``DepthDetector.from_folder``)."""
     from .depth import find_transformers_dpt_folder
 
-    if os.path.isfile(os.path.join(folder, BY_FILENAME["dpt_hybrid-midas-501f0c75.pt"].filename)):
-        return None
     return find_transformers_dpt_folder(folder) if os.path.isdir(folder) else None
