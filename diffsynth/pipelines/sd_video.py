@@ -95,58 +95,65 @@ class RunningMean:
 
 
 class WindowJournal:
-    """The running means of the open frames after the last committed window of one denoising step.
+    """The noise predictions of each finished window of one denoising step: ``contrib_<k>.safetensors`` per window ``k``.
 
-    One ``window_<k>.safetensors`` file per commit (written atomically, older
-    ones removed after), in a folder next to the step's latents.
+    A window's file holds ε_pos (and ε_neg) of every frame it covers. It is committed
+    atomically before any frame the window finishes is written, and deleted once every frame
+    it covers is committed (the folder goes at the end of the step). A rerun loads a window's
+    file instead of running the UNet again, so a kill loses at most the window being computed.
+    Files are keyed by window, never by process: a rerun with any number of processes reuses
+    every one (the running means are refolded from them in window order, so the numbers are
+    the same). Files of the first format (``window_<k>``: the running means after window ``k``)
+    are ignored.
     """
+
+    FORMAT = "window-contributions-v1"
 
     def __init__(self, folder: str):
         self.folder = folder
 
-    def _files(self) -> list[tuple[int, str]]:
-        if not os.path.isdir(self.folder):
-            return []
-        found = []
-        for name in os.listdir(self.folder):
-            if name.startswith("window_") and name.endswith(".safetensors"):
-                found.append((int(name[len("window_"):-len(".safetensors")]), os.path.join(self.folder, name)))
-        return sorted(found)
+    def path(self, k: int) -> str:
+        return os.path.join(self.folder, f"contrib_{k:06d}.safetensors")
 
-    def load(self) -> tuple[int, RunningMean, RunningMean] | None:
-        """``(window index, posi, nega)`` of the newest readable commit, or None."""
+    def load(self, k: int, window: "Window", with_negative: bool) -> dict[int, tuple[torch.Tensor, torch.Tensor | None]] | None:
+        """Window ``k``'s predictions ``{frame: (ε_pos, ε_neg or None)}``, or None when it has no usable file."""
         from safetensors import SafetensorError
         from safetensors.torch import load_file, safe_open
 
-        for k, path in reversed(self._files()):
-            try:
-                tensors = load_file(path)
-                with safe_open(path, framework="pt") as f:
-                    weights = json.loads(f.metadata()["weights"])
-            except (SafetensorError, OSError, KeyError, ValueError) as exc:
-                logger.warning("ignoring unreadable denoising journal %s (%s); recomputing that window", path, exc)
-                continue
-            means = {"posi": RunningMean(), "nega": RunningMean()}
-            for key, value in tensors.items():
-                kind, index = key.split(".")
-                means[kind].value[int(index)] = value
-                means[kind].weight[int(index)] = weights[key]
-            return k, means["posi"], means["nega"]
-        return None
+        path = self.path(k)
+        if not os.path.isfile(path):
+            return None
+        try:
+            with safe_open(path, framework="pt") as f:
+                meta = f.metadata() or {}
+            tensors = load_file(path)
+            if meta.get("format") != self.FORMAT or (int(meta["start"]), int(meta["end"])) != (window.start, window.end):
+                raise ValueError(f"it holds {meta.get('format')} for frames {meta.get('start')}-{meta.get('end')}, "
+                                 f"not window {k} = frames {window.start}-{window.end}")
+            frames = range(window.start, window.end)
+            result = {i: (tensors[f"posi.{i}"], tensors[f"nega.{i}"] if with_negative else None) for i in frames}
+        except (SafetensorError, OSError, KeyError, ValueError) as exc:
+            logger.warning("ignoring unusable denoising journal %s (%s); recomputing that window", path, exc)
+            self.discard(k)
+            return None
+        return result
 
-    def commit(self, k: int, posi: RunningMean, nega: RunningMean) -> None:
+    def commit(self, k: int, window: "Window", contributions: dict[int, tuple[torch.Tensor, torch.Tensor | None]]) -> None:
         from ..utils.atomic import atomic_save_safetensors
 
         os.makedirs(self.folder, exist_ok=True)
-        tensors, weights = {}, {}
-        for kind, mean in (("posi", posi), ("nega", nega)):
-            for i, value in mean.value.items():
-                tensors[f"{kind}.{i}"] = value.contiguous()
-                weights[f"{kind}.{i}"] = mean.weight[i]
-        atomic_save_safetensors(tensors, os.path.join(self.folder, f"window_{k:06d}.safetensors"), metadata={"weights": json.dumps(weights), "window": str(k)})
-        for old, path in self._files():
-            if old < k:
-                os.remove(path)
+        tensors = {}
+        for i, (pos, neg) in contributions.items():
+            tensors[f"posi.{i}"] = pos.contiguous()
+            if neg is not None:
+                tensors[f"nega.{i}"] = neg.contiguous()
+        atomic_save_safetensors(tensors, self.path(k), metadata={"format": self.FORMAT, "start": str(window.start), "end": str(window.end)})
+
+    def discard(self, k: int) -> None:
+        try:
+            os.remove(self.path(k))
+        except FileNotFoundError:
+            pass  # never written, or discarded already: either way it is gone
 
     def remove(self) -> None:
         if os.path.isdir(self.folder):
@@ -193,8 +200,10 @@ class SDVideoPipeline:
     def _stores(self, root: str | None, name: str):
         return None if root is None else os.path.join(root, name)
 
-    def annotate(self, controlnet_frames, num_frames: int, width: int, height: int, root: str | None, progress) -> list:
-        """Stage: each unit's annotation of each frame, into ``controlnet_caches/<k>/`` (skips frames already there)."""
+    def annotate(self, controlnet_frames, num_frames: int, width: int, height: int, root: str | None, progress, frames: range | None = None) -> list:
+        """Stage: each unit's annotation of each frame (of ``frames``: this process's share), into ``controlnet_caches/<k>/``.
+
+        Skips frames already there."""
         units = self.controlnet.units
         if len(controlnet_frames) == num_frames and not _is_list_of_sequences(controlnet_frames, len(units)):
             sources = [as_store(controlnet_frames)] * len(units)  # a flat list: every unit annotates the same frames
@@ -207,7 +216,7 @@ class SDVideoPipeline:
             if len(source) < num_frames:
                 raise ValueError(f"ControlNet unit {k} ({unit.processor.processor_id}) has {len(source)} frames, need {num_frames}")
             store = image_store(self._stores(root, os.path.join("controlnet_caches", str(k))), num_frames, size=(width, height))
-            todo = store.missing()
+            todo = _within(store.missing(), frames)
             with WriteBehind(store) as writer:
                 for i, frame in Prefetcher(source, todo):
                     writer.put(i, unit.processor(_fit_frame(frame, width, height, f"controlnet frame {i}")))
@@ -215,21 +224,26 @@ class SDVideoPipeline:
             stores.append(store)
         return stores
 
-    def initial_latents(self, input_frames, num_frames, width, height, denoising_strength, root, generator, progress):
-        """Stage: noise (shared by all frames without motion modules, as the original), or encoded frames plus noise."""
+    def initial_latents(self, input_frames, num_frames, width, height, denoising_strength, root, generator, progress, frames: range | None = None):
+        """Stage: noise (shared by all frames without motion modules, as the original), or encoded frames plus noise.
+
+        ``frames``: only these (this process's share); the noise of frame ``i`` is still the
+        ``i``-th draw of ``generator``, so any share gives the same latents.
+        """
         shape = (1, 4, height // LATENT_FACTOR, width // LATENT_FACTOR)
         store = tensor_store(self._stores(root, os.path.join("latents", "step_000")), num_frames, shape=shape[1:], dtype=torch.float32)
-        if store.complete():
+        todo = set(_within(store.missing(), frames))
+        if not todo:
             return store
         img2img = input_frames is not None and denoising_strength < 1.0
         source = as_store(input_frames) if img2img else None
         shared = None if self.motion_modules is not None else torch.randn(shape, generator=generator)
         t0 = self.scheduler.timesteps[0]
         with WriteBehind(store) as writer:
-            for i in range(num_frames):
+            for i in range(max(todo) + 1):
                 # one draw per frame from one stream: equals the original's batched randn((N,4,h,w)) on CPU
                 noise = shared if shared is not None else torch.randn(shape, generator=generator)
-                if i in store:
+                if i not in todo:
                     continue
                 if img2img:
                     frame = _fit_frame(source[i], width, height, f"input frame {i}")
@@ -259,79 +273,157 @@ class SDVideoPipeline:
 
         return run(emb_posi), (run(emb_nega) if emb_nega is not None else None)
 
-    def denoise_step(self, step, src, dst, cond_stores, emb_posi, emb_nega, options, progress, x0_store=None, journal=None):
-        """One timestep over all frames, window by window; finished frames go to ``dst`` (or ``x0_store``).
+    def denoise_step(self, step, src, dst, cond_stores, emb_posi, emb_nega, options, progress, x0_store=None, journal=None, cluster=None):
+        """One timestep over the frames missing from ``dst`` (or ``x0_store``), window by window.
 
-        With a ``journal`` (a ``WindowJournal``) the running means of the frames
-        still open are committed after every window, so a rerun continues after
-        the last committed window: a crash loses at most one window of work.
-        Without one, a rerun restarts at the first window covering the first
-        frame missing from the destination.
+        A frame's noise prediction is the running weighted mean (:class:`RunningMean`) of its
+        windows' predictions, folded in window order; a frame is stepped and written once its
+        last window is in. Only windows covering a missing frame run. With a ``journal`` (a
+        :class:`WindowJournal`) each window's predictions are committed before the frames it
+        finishes, so a rerun continues after the last committed window.
+
+        Several processes (``cluster``, a :class:`~diffsynth.distributed.Cluster`): each runs
+        its contiguous run of windows (:func:`~diffsynth.distributed.window_owners`). A frame
+        covered by windows of several ranks (a boundary frame) is folded by each of them from
+        all the predictions: each sends the others its own (only boundary frames' data crosses
+        ranks, in one exchange per step), and every holder folds them in window order, so the
+        mean is bit for bit one process's. In a shared folder the rank of the frame's last
+        window writes it. The caller meets the other ranks at a barrier after this returns.
         """
+        from ..distributed import Cluster, window_owners
+
+        cluster = cluster if cluster is not None else Cluster.solo()
         t = self.scheduler.timesteps[step]
         t_dev = t.to(self.device)
         target = x0_store if x0_store is not None else dst
-        n = len(src)
         missing = target.missing()
         if not missing:
             return
-        windows = sliding_windows(n, options["animatediff_batch_size"], options["animatediff_stride"])
+        windows = sliding_windows(len(src), options["animatediff_batch_size"], options["animatediff_stride"])
+        owners = window_owners([w.end - w.start for w in windows], cluster.world)
+        cover: dict[int, list[int]] = {i: [] for i in missing}  # missing frame -> the windows covering it, in order
+        for k, window in enumerate(windows):
+            for i in range(window.start, window.end):
+                if i in cover:
+                    cover[i].append(k)
+        holders = {i: sorted({owners[k] for k in ks}) for i, ks in cover.items() if ks}
+        me = cluster.rank
+        mine = {i for i, ranks in holders.items() if me in ranks}  # frames this rank folds
+        boundary = {i for i in mine if len(holders[i]) > 1}
+        my_windows = sorted({k for i in mine for k in cover[i] if owners[k] == me})
+        unclosed = {k: sum(1 for i in range(windows[k].start, windows[k].end) if i in mine) for k in my_windows}
+        with_negative = emb_nega is not None
         posi, nega = RunningMean(), RunningMean()
-        resumed = journal.load() if journal is not None else None
-        if resumed is not None:
-            done, posi, nega = resumed
-            start = done + 1
-        else:
-            start = next(k for k, w in enumerate(windows) if w.end > missing[0])
+        held: dict[int, list[tuple[int, torch.Tensor, torch.Tensor | None]]] = {i: [] for i in boundary}
         # latents and control images of the frames a window still covers: read once per step
         open_latents: dict[int, torch.Tensor] = {}
         open_cond: dict[int, torch.Tensor] = {}
+
+        def stepped(i: int, eps: torch.Tensor, neg: torch.Tensor | None) -> torch.Tensor:
+            if neg is not None:
+                eps = neg + options["cfg_scale"] * (eps - neg)
+            latent = open_latents.pop(i) if i in open_latents else src[i]
+            open_cond.pop(i, None)
+            return self.scheduler.step(eps, t, latent, to_final=x0_store is not None)
+
         with WriteBehind(target) as writer:
-            for k in range(start, len(windows)):
+            for position, k in enumerate(my_windows):
                 window = windows[k]
                 frames = range(window.start, window.end)
+                contributions = journal.load(k, window, with_negative) if journal is not None else None
+                if contributions is None:
+                    for i in frames:
+                        if i not in open_latents:
+                            open_latents[i] = src[i]
+                            if cond_stores:
+                                open_cond[i] = torch.stack([_image_to_uint8(store[i]) for store in cond_stores])
+                    x = torch.stack([open_latents[i] for i in frames]).to(self.device, self.torch_dtype)
+                    cond = torch.stack([open_cond[i] for i in frames], dim=1) if cond_stores else None
+                    e_pos, e_neg = self._window_noise(x, t_dev, emb_posi, emb_nega, cond, options["cfg_scale"], options["unet_batch_size"],
+                                                      options["controlnet_batch_size"], options["cross_frame_attention"], options["vram_limit_level"])
+                    contributions = {i: (e_pos[j].cpu(), e_neg[j].cpu() if e_neg is not None else None) for j, i in enumerate(frames)}
+                    if journal is not None:
+                        journal.commit(k, window, contributions)
+                    progress("denoise", window.end - window.start, None)
                 for i in frames:
-                    if i not in open_latents:
-                        open_latents[i] = src[i]
-                        if cond_stores:
-                            open_cond[i] = torch.stack([_image_to_uint8(store[i]) for store in cond_stores])
-                x = torch.stack([open_latents[i] for i in frames]).to(self.device, self.torch_dtype)
-                cond = torch.stack([open_cond[i] for i in frames], dim=1) if cond_stores else None
-                e_pos, e_neg = self._window_noise(x, t_dev, emb_posi, emb_nega, cond, options["cfg_scale"], options["unet_batch_size"],
-                                                  options["controlnet_batch_size"], options["cross_frame_attention"], options["vram_limit_level"])
-                for j, i in enumerate(frames):
+                    if i not in mine:
+                        continue
+                    pos, neg = contributions[i]
+                    if i in boundary:
+                        held[i].append((k, pos, neg))
+                        continue
                     w = window.weight(i)
-                    posi.add(i, e_pos[j].cpu(), w)
-                    if e_neg is not None:
-                        nega.add(i, e_neg[j].cpu(), w)
-                closed_before = windows[k + 1].start if k + 1 < len(windows) else n
-                for i in sorted(f for f in posi.value if f < closed_before):
-                    eps = posi.pop(i)
-                    if i in nega.value:
-                        neg = nega.pop(i)
-                        eps = neg + options["cfg_scale"] * (eps - neg)
-                    latent = open_latents.pop(i) if i in open_latents else src[i]
+                    posi.add(i, pos, w)
+                    if neg is not None:
+                        nega.add(i, neg, w)
+                    if cover[i][-1] == k:  # the frame's last window: its mean is complete
+                        writer.put(i, stepped(i, posi.pop(i), nega.pop(i) if neg is not None else None))
+                        for k2 in cover[i]:
+                            if k2 in unclosed:
+                                unclosed[k2] -= 1
+                next_start = windows[my_windows[position + 1]].start if position + 1 < len(my_windows) else len(src)
+                for i in [i for i in open_latents if i < next_start and i not in mine]:
+                    open_latents.pop(i)  # a finished frame only some window of this rank read
                     open_cond.pop(i, None)
-                    if i not in target:
-                        writer.put(i, self.scheduler.step(eps, t, latent, to_final=x0_store is not None))
                 if journal is not None:
-                    writer.flush()  # the frames this window finished are durable before the journal says so
-                    journal.commit(k, posi, nega)
-                progress("denoise", window.end - window.start, None)
-        if journal is not None:
+                    writer.flush()  # the frames this window finished are durable before their windows' files go
+                    for k2 in [k2 for k2, left in unclosed.items() if left == 0 and k2 <= k]:
+                        journal.discard(k2)
+                        del unclosed[k2]
+            if boundary:
+                received = self._exchange_boundary(cluster, boundary, held, holders, cover, owners, with_negative, src[0].shape)
+                for i in sorted(boundary):
+                    mean_pos, mean_neg = RunningMean(), RunningMean()
+                    for k, pos, neg in sorted(held[i] + received[i], key=lambda item: item[0]):  # window order, as one process
+                        mean_pos.add(i, pos, windows[k].weight(i))
+                        if neg is not None:
+                            mean_neg.add(i, neg, windows[k].weight(i))
+                    latent = stepped(i, mean_pos.pop(i), mean_neg.pop(i) if with_negative else None)
+                    if not cluster.shared_folder or holders[i][-1] == me:
+                        writer.put(i, latent)
+        if journal is not None and cluster.world == 1:
             journal.remove()
 
-    def decode(self, latents_store, out_store, progress):
-        """Stage: fp32 VAE decode of every frame not yet in ``out_store``."""
-        todo = out_store.missing()
+    @staticmethod
+    def _exchange_boundary(cluster, boundary, held, holders, cover, owners, with_negative, shape):
+        """The other ranks' predictions of this rank's boundary frames: ``{frame: [(window, ε_pos, ε_neg), ...]}``.
+
+        Each side knows from the plan alone which predictions the other holds, so the tensors
+        go without a header: one send and one receive per neighbour, all at once.
+        """
+        me = cluster.rank
+        kinds = 2 if with_negative else 1
+        shared_with: dict[int, list[int]] = {}
+        for i in sorted(boundary):
+            for rank in holders[i]:
+                if rank != me:
+                    shared_with.setdefault(rank, []).append(i)
+        sends, receives, expected = {}, {}, {}
+        for peer, frames in shared_with.items():
+            mine = [torch.stack([pos] + ([neg] if with_negative else [])) for i in frames for _, pos, neg in held[i]]
+            expected[peer] = [(i, k) for i in frames for k in cover[i] if owners[k] == peer]
+            if mine:
+                sends[peer] = torch.stack(mine)
+            if expected[peer]:
+                receives[peer] = torch.empty((len(expected[peer]), kinds, *shape), dtype=torch.float32)
+        cluster.exchange(sends, receives)
+        received: dict[int, list] = {i: [] for i in boundary}
+        for peer, items in expected.items():
+            for (i, k), both in zip(items, receives.get(peer, ())):
+                received[i].append((k, both[0], both[1] if with_negative else None))
+        return received
+
+    def decode(self, latents_store, out_store, progress, frames: range | None = None):
+        """Stage: fp32 VAE decode of every frame (of ``frames``) not yet in ``out_store``."""
+        todo = _within(out_store.missing(), frames)
         with WriteBehind(out_store) as writer:
             for i, latent in Prefetcher(latents_store, todo):
                 image = self.vae_decoder_fp32(latent[None].to(self.device, torch.float32))
                 writer.put(i, tensor_to_images(image)[0])
                 progress("decode", 1, len(todo))
 
-    def encode_frames(self, frames_store, out_store, progress):
-        todo = out_store.missing()
+    def encode_frames(self, frames_store, out_store, progress, frames: range | None = None):
+        todo = _within(out_store.missing(), frames)
         with WriteBehind(out_store) as writer:
             for i, frame in Prefetcher(frames_store, todo):
                 x = preprocess_image(frame).to(self.device, self.vae_encoder.dtype)
@@ -495,29 +587,46 @@ class SDVideoPipeline:
 
         atomic_write_text(path, json.dumps({"key": key}))
 
-    def _smoothed_step(self, step, latents, nxt, cond_stores, emb_posi, emb_nega, options, progress, smoother, guide, root, shape):
-        """x0 of every frame → decode → smoother → encode → ε that lands on the smoothed x0 → DDIM step (the original's loop)."""
+    def _smoothed_step(self, step, latents, nxt, cond_stores, emb_posi, emb_nega, options, progress, smoother, guide, root, shape,
+                       cluster=None, share: range | None = None, smooth=None):
+        """x0 of every frame → decode → smoother → encode → ε that lands on the smoothed x0 → DDIM step (the original's loop).
+
+        Several processes: the x0 pass is split as :meth:`denoise_step`, decode, encode and the
+        step by ``share`` (this rank's frames); ``smooth(decoded, smoothed)`` (from the runner)
+        smooths across the ranks; the ranks meet between the parts.
+        """
+        from ..distributed import Cluster
+
+        cluster = cluster if cluster is not None else Cluster.solo()
         n = len(latents)
         prefix = os.path.join("smoothed", f"step_{step:03d}")
         x0 = tensor_store(self._stores(root, os.path.join(prefix, "x0")), n, shape=shape, dtype=torch.float32)
         journal = None if root is None else WindowJournal(os.path.join(root, prefix, "x0_journal"))  # a kill loses at most one window here too
-        self.denoise_step(step, latents, None, cond_stores, emb_posi, emb_nega, options, progress, x0_store=x0, journal=journal)
+        self.denoise_step(step, latents, None, cond_stores, emb_posi, emb_nega, options, progress, x0_store=x0, journal=journal, cluster=cluster)
+        cluster.barrier(f"step {step + 1}: x0 of every frame")
         decoded = image_store(self._stores(root, os.path.join(prefix, "decoded")), n)
-        self.decode(x0, decoded, progress)
+        self.decode(x0, decoded, progress, frames=share)
+        cluster.barrier(f"step {step + 1}: x0 decoded")
         smoothed = image_store(self._stores(root, os.path.join(prefix, "frames")), n)
         if not smoothed.complete():
-            _put_all(smoothed, smoother(VideoFrames(decoded), original_frames=guide))
+            if smooth is not None:
+                smooth(decoded, smoothed)
+            else:
+                _put_all(smoothed, smoother(VideoFrames(decoded), original_frames=guide))
+        cluster.barrier(f"step {step + 1}: x0 smoothed")
         target = tensor_store(self._stores(root, os.path.join(prefix, "x0_smoothed")), n, shape=shape, dtype=torch.float32)
-        self.encode_frames(smoothed, target, progress)
+        self.encode_frames(smoothed, target, progress, frames=share)
         t = self.scheduler.timesteps[step]
         with WriteBehind(nxt) as writer:
-            for i in nxt.missing():
+            for i in _within(nxt.missing(), share):
                 eps = self.scheduler.return_to_timestep(t, latents[i], target[i])
                 writer.put(i, self.scheduler.step(eps, t, latents[i]))
-        for store in (x0, decoded, smoothed, target):
-            _remove_store(store)
-        if journal is not None:
-            journal.remove()
+        cluster.barrier(f"step {step + 1} stepped")
+        if cluster.rank == 0:
+            for store in (x0, decoded, smoothed, target):
+                _remove_store(store)
+            if journal is not None:
+                journal.remove()
 
 
 class _Progress:
@@ -554,6 +663,11 @@ class _Progress:
                 continue
         if self.callback is not None:
             self.callback(ProgressEvent("step", self.steps, self.steps))
+
+
+def _within(indices: list[int], frames: range | None) -> list[int]:
+    """``indices`` inside ``frames`` (all of them when ``frames`` is None)."""
+    return indices if frames is None else [i for i in indices if i in frames]
 
 
 def _is_list_of_sequences(frames, units: int) -> bool:
