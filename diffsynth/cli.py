@@ -118,33 +118,69 @@ def load_config(path: str) -> dict:
     return config
 
 
-def _render(config: dict, rerun_hint: str, config_dir: str | None = None) -> int:
-    """Run the video runner with a progress bar; on Ctrl-C or a stopped run, say how to continue."""
+def _render(config: dict, rerun_hint: str, config_dir: str | None = None, cluster=None) -> int:
+    """Run the video runner with a progress bar; on Ctrl-C or a stopped run, say how to continue.
+
+    ``cluster``: this process's place in a run on several processes; a failure here is told to
+    the other ranks (they stop at once, naming this rank) and every message names the rank.
+    """
     from .pipelines.config_paths import resolve_path
     from .pipelines.runner import RunError, SDVideoPipelineRunner
+    from .distributed import ClusterError
 
     out = resolve_path(config["data"]["output_folder"], config_dir)[0]
+    who = "" if cluster is None else f"[{cluster.me}] "
     try:
-        frames = SDVideoPipelineRunner().run(config, config_dir=config_dir)
+        frames = SDVideoPipelineRunner(cluster=cluster).run(config, config_dir=config_dir)
     except KeyboardInterrupt:
-        print(f"\ninterrupted. Finished work is kept in {out}; {rerun_hint} to continue where it stopped "
+        if cluster is not None:
+            cluster.report_error("interrupted (Ctrl-C)")
+        print(f"\n{who}interrupted. Finished work is kept in {out}; {rerun_hint} to continue where it stopped "
               f"(`diffsynth status {out}` shows what is done).", file=sys.stderr)
         return 130
-    except RunError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (RunError, ClusterError) as exc:
+        if cluster is not None and not isinstance(exc, ClusterError):
+            cluster.report_error(str(exc))
+        print(f"{who}error: {exc}", file=sys.stderr)
         return 1
-    print(f"done: {len(frames)} frames in {os.path.join(out, 'frames')}, {os.path.join(out, 'video.mp4')}")
+    except BaseException as exc:
+        if cluster is not None:
+            cluster.report_error(f"{type(exc).__name__}: {exc}")
+        raise
+    if cluster is None or cluster.rank == 0:
+        print(f"done: {len(frames)} frames in {os.path.join(out, 'frames')}, {os.path.join(out, 'video.mp4')}")
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """Render a video from a runner config; rerunning the same config resumes."""
+    """Render a video from a runner config; rerunning the same config resumes (on any number of processes)."""
+    from .distributed import Cluster, env_world_size
+
     config = load_config(args.config)
     hint = f"diffsynth run {args.config}"
+    worker_args = []
     if args.output_folder:  # a command-line path: relative to the working directory
         config["data"]["output_folder"] = os.path.abspath(args.output_folder)
         hint += f" --output-folder {args.output_folder}"
-    return _render(config, f"run `{hint}` again", config_dir=os.path.dirname(os.path.abspath(args.config)))
+        worker_args += ["--output-folder", config["data"]["output_folder"]]
+    if args.dist_timeout is not None:
+        worker_args += ["--dist-timeout", str(args.dist_timeout)]
+    if args.nproc_per_node is not None:
+        if env_world_size() > 1:
+            raise ValueError("--nproc-per-node starts the processes itself: under torchrun, leave it out")
+        from .distributed.launch import launch
+
+        return launch(args.config, args.nproc_per_node, args.max_restarts or 0, worker_args, (config.get("models") or {}).get("device"))
+    if args.max_restarts is not None:
+        raise ValueError("--max-restarts goes with --nproc-per-node (under torchrun, give torchrun --max-restarts)")
+    config_dir = os.path.dirname(os.path.abspath(args.config))
+    if env_world_size() == 1:
+        return _render(config, f"run `{hint}` again", config_dir=config_dir)
+    cluster = Cluster.from_env(device=(config.get("models") or {}).get("device"), timeout=args.dist_timeout)
+    try:
+        return _render(config, "run the same command again", config_dir=config_dir, cluster=cluster)
+    finally:
+        cluster.close()
 
 
 _INTERMEDIATES = ("source_images", "controlnet_caches", "prompt", "latents", "smoothed", "smoother")
@@ -425,6 +461,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="render a video from a runner config (.json or .yaml); rerun the same command to resume")
     p.add_argument("config", help="DiffSynth-Studio runner config: models, data, pipeline, smoother_configs")
     p.add_argument("--output-folder", default=None, metavar="DIR", help="render into DIR instead of the config's data.output_folder")
+    p.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
+                   help="render on N processes of this machine (one per GPU), started by torchrun's launcher; see README 'Several GPUs or machines'")
+    p.add_argument("--max-restarts", type=int, default=None, metavar="K", help="with --nproc-per-node: restart the processes up to K times when one dies")
+    p.add_argument("--dist-timeout", type=float, default=None, metavar="SECONDS",
+                   help="several processes: how long a silent process is waited for before all stop (default 600, or $DIFFSYNTH_DIST_TIMEOUT)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("status", help="stage table of a runner output folder: done/partial/pending, frames, disk, cache keys")

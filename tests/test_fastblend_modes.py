@@ -774,6 +774,36 @@ def test_real_engine_frames_do_not_depend_on_the_video_length(flicker_clip):
     assert np.array_equal(short[: 7 - w], long[: 7 - w])
 
 
+@pytest.mark.parametrize("blend", [fast_blend, balanced_blend], ids=["fast", "balanced"])
+@pytest.mark.parametrize("cuts", [(0, 7, 20), (0, 1, 2, 13, 20), (0, 10, 10, 20)])
+def test_spans_side_by_side_give_the_whole_calls_frames(blend, cuts):
+    """What several processes do: each span (a, b) computed into one store equals the whole call, bit for bit."""
+    n, w = 20, 3
+    guide, style = random_frames(n, seed=50), random_frames(n, seed=51)
+    params = dict(window_size=w, batch_size=4, matcher_factory=noisy_factory, seed=5)
+    whole = as_arrays(frames_of(blend(guide, style, **params)))
+    out = image_store(None, n, size=(5, 4))
+    for a, b in zip(cuts, cuts[1:]):
+        blend(guide, style, out, span=(a, b), **params)
+        assert not any(i in out for i in range(b, n))  # a span writes its own frames only
+    assert np.array_equal(as_arrays(frames_of(out)), whole)
+
+
+def test_real_engine_spans_give_the_whole_calls_frames(flicker_clip):
+    guide, style = flicker_clip
+    from diffsynth.extensions.FastBlend.runners.common import EngineSettings
+
+    params = dict(window_size=2, batch_size=3, matcher_factory=EngineSettings(**TINY_ENGINE), seed=4)
+    whole = as_arrays(frames_of(fast_blend(guide, style, **params)))
+    n = len(whole)
+    out = image_store(None, n, size=(whole.shape[2], whole.shape[1]))
+    for span in ((n // 2, n), (0, n // 2)):  # any order: the spans share nothing but the inputs
+        fast_blend(guide, style, out, span=span, **params)
+    assert np.array_equal(as_arrays(frames_of(out)), whole)
+    with pytest.raises(ValueError, match="span must be"):
+        fast_blend(guide, style, out, span=(3, n + 1), **params)
+
+
 def test_released_left_partials_shrink_as_frames_merge_and_a_rerun_recomputes_none(tmp_path):
     """``keep_left=False``: each L_t is deleted once F_t is committed; a kill in the right pass costs no left remap."""
     n, size = 16, (5, 4)

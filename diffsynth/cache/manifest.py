@@ -41,8 +41,10 @@ def stable_hash(value: Any) -> str:
 class Manifest:
     """``OUTPUT/manifest.json``: ``{"schema", "stages": {"<id>": {"name", "key", "status", ...}}, "versions", "updated"}``."""
 
-    def __init__(self, folder: str):
+    def __init__(self, folder: str, writable: bool = True):
+        """``writable=False``: a copy that never writes (ranks other than 0 of a run on several processes)."""
         self.folder = folder
+        self.writable = writable
         self.path = os.path.join(folder, "manifest.json")
         # identity: how the keys identify files (cache/identity.py); manifests without it are migrated by the runner.
         self.data: dict[str, Any] = {"schema": SCHEMA_VERSION, "identity": IDENTITY_VERSION, "stages": {}}
@@ -98,9 +100,13 @@ class Manifest:
         return last
 
     def save(self) -> None:
+        if not self.writable:
+            return
         os.makedirs(self.folder, exist_ok=True)
         self.data["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         atomic_write_text(self.path, json.dumps(self.data, indent=2, sort_keys=True))
 
     def write_last_process_id(self) -> None:
+        if not self.writable:
+            return
         atomic_write_text(os.path.join(self.folder, "last_process_id.txt"), str(self.last_done()))

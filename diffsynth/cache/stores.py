@@ -266,6 +266,26 @@ class MemoryStore(Store):
         self._items = []
 
 
+_other_writers = 0  # > 0 while other processes may be writing into the stores' folders (several processes, one render)
+
+
+class other_writers:
+    """``with other_writers():`` — stores opened inside do not remove temporary files on open.
+
+    A temporary file in a store's folder may then be another process's write in progress;
+    the run's rank 0 sweeps the leftovers of killed runs once, before the processes start.
+    """
+
+    def __enter__(self) -> "other_writers":
+        global _other_writers
+        _other_writers += 1
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        global _other_writers
+        _other_writers -= 1
+
+
 class DiskStore(Store):
     """One file per slot in ``folder``: ``000123.png``, ``000123.npy``, ... (DESIGN §3).
 
@@ -285,7 +305,7 @@ class DiskStore(Store):
       codec's cheap structural check; a full read validates completely.
     - ``clean_temps=True`` removes this store's leftover temporary files (from a killed run) on
       open; they are ignored in any case. Pass ``False`` when other processes may be writing
-      into the same folder right now.
+      into the same folder right now (``with other_writers():`` does so for every store).
     - Reopening a folder sees every item committed before (that is how a run resumes). The
       name width depends on ``length`` only, so reopen with the same length.
     """
@@ -309,7 +329,7 @@ class DiskStore(Store):
         self._digits = max(_MIN_NAME_DIGITS, len(str(max(self._length - 1, 0))))
         self._item_name = re.compile(r"[0-9]+" + re.escape(codec.suffix))
         os.makedirs(self.folder, exist_ok=True)
-        if clean_temps:
+        if clean_temps and not _other_writers:
             self.remove_temp_files()
 
     def __repr__(self) -> str:

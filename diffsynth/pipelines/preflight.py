@@ -48,11 +48,13 @@ class Problem:
 class PreflightError(ValueError):
     """The config cannot run; ``problems`` lists every reason. Nothing was written."""
 
-    def __init__(self, problems: list[Problem], out: str | None):
+    def __init__(self, problems: list[Problem], out: str | None, where: str | None = None):
+        """``where``: the process that found them, on a run of several (``rank 1 (host gpu2, pid 4242)``)."""
         self.problems = list(problems)
-        where = f"nothing in {out} was changed" if out else "nothing was written"
-        head = (f"the config cannot run ({len(self.problems)} problem{'s' if len(self.problems) != 1 else ''}, "
-                f"found before any work; {where}):")
+        self.out = out
+        written = f"nothing in {out} was changed" if out else "nothing was written"
+        head = (f"{where + ': ' if where else ''}the config cannot run ({len(self.problems)} problem{'s' if len(self.problems) != 1 else ''}, "
+                f"found before any work; {written}):")
         super().__init__("\n".join([head] + [p.format(i) for i, p in enumerate(self.problems, 1)]))
 
 

@@ -54,6 +54,10 @@ from .config_paths import resolve_config_paths
 from .preflight import PreflightError, check_config
 from .sd_video import SDVideoPipeline, VideoFrames
 from .stages import STAGE_TABLE, RunContext, SmootherStages, StageView, denoising_plan, reports_passes, writes_frames
+from ..cache.stores import other_writers
+from ..distributed import Cluster, ClusterError, frame_share, window_owners
+from ..utils.atomic import is_temp_name
+from .sd_video import sliding_windows
 
 logger = logging.getLogger("diffsynth")
 
@@ -78,8 +82,10 @@ class _Progress:
     a resumed run starts at the work already on disk.
     """
 
-    def __init__(self, weights: dict[int, int], done: dict[int, int], bar_cmd, callback: ProgressCallback | None):
+    def __init__(self, weights: dict[int, int], done: dict[int, int], bar_cmd, callback: ProgressCallback | None, scale: int = 1):
+        """``scale``: units counted per unit reported (the world size: rank 0 reports its share and stands for all)."""
         self.weights = weights
+        self.scale = scale
         self.counted = {sid: min(done.get(sid, 0), w) for sid, w in weights.items()}
         self.total = sum(weights.values())
         self.callback = callback
@@ -121,7 +127,7 @@ class _Progress:
             self.advance(1)
 
     def _count(self, stage_id: int, n: int) -> int:
-        step = max(0, min(n, self.weights[stage_id] - self.counted[stage_id]))
+        step = max(0, min(n * self.scale, self.weights[stage_id] - self.counted[stage_id]))
         self.counted[stage_id] += step
         if step and self.bar is not None:
             self.bar.update(step)
@@ -201,11 +207,24 @@ def _keep_previous(out: str, manifest: Manifest, names: list[str]) -> str | None
     return keep_previous(out, names, finished)
 
 
+def _remove_temp_files_below(out: str) -> None:
+    """Delete every temporary file a killed run left in ``out`` (not in ``previous/``): stores stop doing it on open."""
+    for root, dirs, files in os.walk(out):
+        if root == out and PREVIOUS_FOLDER in dirs:
+            dirs.remove(PREVIOUS_FOLDER)
+        for name in files:
+            if is_temp_name(name):
+                os.remove(os.path.join(root, name))
+
+
 class SDVideoPipelineRunner:
-    def __init__(self, in_streamlit: bool = False, progress_callback: ProgressCallback | None = None, progress_bar_cmd: Callable | None = tqdm):
+    def __init__(self, in_streamlit: bool = False, progress_callback: ProgressCallback | None = None, progress_bar_cmd: Callable | None = tqdm,
+                 cluster: Cluster | None = None):
+        """``cluster``: the processes of a run on several (``Cluster.from_env()`` under torchrun); None: one process."""
         self.in_streamlit = in_streamlit
-        self.progress_callback = progress_callback
-        self.progress_bar_cmd = progress_bar_cmd
+        self.cluster = cluster if cluster is not None else Cluster.solo()
+        self.progress_callback = progress_callback if self.cluster.rank == 0 else None
+        self.progress_bar_cmd = progress_bar_cmd if self.cluster.rank == 0 else None
 
     # ------------------------------------------------------------------ validation (no models)
     def prepare(self, config: dict, config_dir: str | None = None) -> dict:
@@ -295,23 +314,33 @@ class SDVideoPipelineRunner:
         stage is invalidated only when an input that exists has really changed, and a
         finished render that a changed config would delete is moved to ``OUT/previous/``.
         """
-        plan = self.prepare(config, config_dir)
+        cluster = self.cluster
+        plan = self._prepare_everywhere(config, config_dir)
         config = plan["config"]
         data = config["data"]
         out = data["output_folder"]
-        keys = self.stage_keys(plan)
+        keys = self._keys_everywhere(plan)
         try:  # these write too: a full disk here is reported like one inside a stage
             os.makedirs(out, exist_ok=True)
-            manifest = Manifest(out)
-            self._migrate_keys(manifest, plan, keys)
-            if data.get("clear_output_folder", False):
-                self._clear(manifest, out)
+            if cluster.rank == 0:
                 manifest = Manifest(out)
-            else:
-                self._invalidate_changed(manifest, keys, out)
-            self._save_config(config, out)
+                self._migrate_keys(manifest, plan, keys)
+                if data.get("clear_output_folder", False):
+                    self._clear(manifest, out)
+                    manifest = Manifest(out)
+                else:
+                    self._invalidate_changed(manifest, keys, out)
+                self._save_config(config, out)
+                if cluster.world > 1:
+                    _remove_temp_files_below(out)  # a killed run's; from now on other processes write here too
+                    self._record_shares(manifest, plan)
+                else:
+                    manifest.data.pop("distributed", None)
         except OSError as exc:
             raise _io_error("setup", out, exc) from exc
+        if cluster.world > 1:
+            self._check_shared_folder(out)
+            manifest = Manifest(out, writable=cluster.rank == 0)
         frames = image_store(os.path.join(out, "frames"), plan["num_frames"], size=(plan["width"], plan["height"]))
         if manifest.is_done(9, keys[9]) and os.path.isfile(os.path.join(out, "video.mp4")) and frames.complete():
             logger.info("%s is complete and up to date; nothing to do", out)
@@ -320,9 +349,12 @@ class SDVideoPipelineRunner:
                 self.progress_callback(ProgressEvent("9 video encode", total, total))
             return VideoFrames(frames)
         weights = self._stage_weights(plan)
-        progress = _Progress(weights, self._work_done(manifest, keys, plan), self.progress_bar_cmd, self.progress_callback)
+        progress = _Progress(weights, self._work_done(manifest, keys, plan), self.progress_bar_cmd, self.progress_callback, scale=cluster.world)
         try:
-            return self._run_stages(plan, manifest, keys, progress)
+            if cluster.world == 1:
+                return self._run_stages(plan, manifest, keys, progress)
+            with other_writers():
+                return self._run_stages(plan, manifest, keys, progress)
         except OSError as exc:
             raise _io_error(f"stage {progress.stage}", out, exc, plan["num_frames"]) from exc
         finally:
@@ -334,11 +366,81 @@ class SDVideoPipelineRunner:
     @torch.no_grad()
     def _run_stages(self, plan: dict, manifest: Manifest, keys: dict[int, str], progress: _Progress) -> VideoFrames:
         """Every stage of the table, in order (each skips what is already on disk under its key)."""
-        ctx = RunContext(self, plan, manifest, keys, progress)
+        ctx = RunContext(self, plan, manifest, keys, progress, self.cluster)
         for stage in STAGE_TABLE:
             stage.run(ctx)
         ctx.model_manager.to("cpu")
         return VideoFrames(ctx.frames)
+
+    # ------------------------------------------------------------------ several processes
+    def _prepare_everywhere(self, config: dict, config_dir: str | None) -> dict:
+        """:meth:`prepare` on every rank; a rank whose checks fail stops them all, named with its host (one process: prepare)."""
+        cluster = self.cluster
+        if cluster.world == 1:
+            return self.prepare(config, config_dir)
+        plan, failure = None, None
+        try:
+            plan = self.prepare(config, config_dir)
+        except (ValueError, OSError) as exc:  # PreflightError is a ValueError: every problem, each with its fix
+            failure = exc
+        reports = cluster.all_gather(None if failure is None else str(failure))
+        failed = [(cluster.members[rank], report) for rank, report in enumerate(reports) if report is not None]
+        if failure is not None:
+            if isinstance(failure, PreflightError):
+                raise PreflightError(failure.problems, failure.out, where=str(cluster.me)) from None
+            raise ValueError(f"{cluster.me}: {failure}") from failure
+        if failed:
+            member, report = failed[0]
+            raise ClusterError(f"{member} cannot start, so no rank does: {report}")
+        return plan
+
+    def _keys_everywhere(self, plan: dict) -> dict[int, str]:
+        """The stage keys, which every rank must agree on (the same config and inputs everywhere)."""
+        keys = self.stage_keys(plan)
+        if self.cluster.world > 1:
+            others = self.cluster.all_gather(keys)
+            for member, theirs in zip(self.cluster.members, others):
+                differing = [sid for sid in sorted(keys) if keys[sid] != theirs[sid]]
+                if differing:
+                    raise ClusterError(f"{member} renders something else than {self.cluster.me}: its cache key of stage {differing[0]} "
+                                       f"({STAGES[differing[0]][1]}) differs. Every process must run the same config on the same "
+                                       "model files and input video (copy them unchanged to every machine)")
+        return keys
+
+    def _check_shared_folder(self, out: str) -> None:
+        """Every rank must see rank 0's output folder (one machine, or a shared/network file system)."""
+        cluster = self.cluster
+        token = cluster.broadcast(os.urandom(8).hex() if cluster.rank == 0 else None)
+        marker = os.path.join(out, f".cluster_{token}")
+        if cluster.rank == 0:
+            atomic_write_text(marker, token)
+        cluster.barrier("the output folder check")
+        sees = cluster.all_gather(os.path.isfile(marker))
+        cluster.barrier("the output folder check")
+        if cluster.rank == 0:
+            os.remove(marker)
+        blind = [member for member, seen in zip(cluster.members, sees) if not seen]
+        if blind:
+            names = ", ".join(str(m) for m in blind)
+            raise ClusterError(f"{names} cannot see the output folder of {cluster.members[0]} ({out}): every process must write into "
+                               "one folder that all of them see (the same machine, or a shared or network file system mounted "
+                               "at the same path or given with --output-folder); folders local to each machine are not supported yet")
+        cluster.shared_folder = True
+
+    def _record_shares(self, manifest: Manifest, plan: dict) -> None:
+        """The manifest's record of who did what: world size, and each rank's host, frames and denoising windows."""
+        cluster, n = self.cluster, plan["num_frames"]
+        inputs = plan["config"]["pipeline"]["pipeline_inputs"]
+        windows = sliding_windows(n, inputs.get("animatediff_batch_size", 16), inputs.get("animatediff_stride", 8))
+        owners = window_owners([w.end - w.start for w in windows], cluster.world)
+        ranks = []
+        for member in cluster.members:
+            share = frame_share(n, member.rank, cluster.world)
+            own = [k for k, r in enumerate(owners) if r == member.rank]
+            ranks.append({"rank": member.rank, "host": member.host, "frames": [share.start, share.stop],
+                          "windows": [own[0], own[-1] + 1] if own else [0, 0]})
+        manifest.data["distributed"] = {"world_size": cluster.world, "windows": len(windows), "ranks": ranks}
+        manifest.save()
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
@@ -411,8 +513,8 @@ class SDVideoPipelineRunner:
 
     def _load_pipeline(self, config: dict) -> tuple[SDVideoPipeline, ModelManager]:
         models = config["models"]
-        device = models.get("device")
-        if device == "cuda" and not torch.cuda.is_available():
+        device = self.cluster.device(models.get("device"))  # cuda -> cuda:LOCAL_RANK on several processes
+        if str(device).startswith("cuda") and not torch.cuda.is_available():
             raise RunError("models.device is 'cuda' but no CUDA device is available; set models.device to 'cpu' (slow) or run on a GPU machine")
         model_manager = ModelManager(torch_dtype=None, device=device)
         if models.get("textual_inversion_folder") and os.path.isdir(models["textual_inversion_folder"]):

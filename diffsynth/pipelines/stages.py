@@ -27,7 +27,8 @@ from ..prompts import BeautifulPrompt
 from ..schedulers.ddim import ddim_timesteps
 from ..utils.atomic import atomic_save_safetensors, is_temp_name
 from ..utils.sizes import count_frame_files, path_bytes
-from .sd_video import VideoFrames, WindowJournal, _put_all, _remove_store, sliding_windows
+from ..distributed import Cluster, frame_share, window_owners
+from .sd_video import VideoFrames, WindowJournal, _put_all, _remove_store, _within, sliding_windows
 
 logger = logging.getLogger("diffsynth")
 
@@ -149,9 +150,10 @@ class SourceFrames(Stage):
         if not ctx.manifest.is_done(0, ctx.keys[0]) or not source.complete():
             ctx.manifest.begin(0, ctx.keys[0])
             with WriteBehind(source) as writer:
-                for i, frame in Prefetcher(ctx.plan["source"], source.missing()):
+                for i, frame in Prefetcher(ctx.plan["source"], _within(source.missing(), ctx.share)):
                     writer.put(i, frame)
                     ctx.progress.advance(1)
+            ctx.sync("source frames")
             ctx.manifest.finish(0, ctx.keys[0], frames=ctx.n, bytes=source.nbytes())
         ctx.progress.finish_stage(0)
 
@@ -174,7 +176,8 @@ class Annotations(Stage):
         if pipe.controlnet is not None:
             if not ctx.manifest.is_done(1, ctx.keys[1]):
                 ctx.manifest.begin(1, ctx.keys[1])
-            ctx.cond_stores = pipe.annotate(ctx.plan["controls"], ctx.n, ctx.width, ctx.height, ctx.out, ctx.progress)
+            ctx.cond_stores = pipe.annotate(ctx.plan["controls"], ctx.n, ctx.width, ctx.height, ctx.out, ctx.progress, frames=ctx.share)
+            ctx.sync("ControlNet annotations")
             ctx.manifest.finish(1, ctx.keys[1], bytes=sum(s.nbytes() for s in ctx.cond_stores))
         else:
             ctx.manifest.finish(1, ctx.keys[1], skipped="no ControlNet units")
@@ -192,6 +195,16 @@ class PromptEmbeddings(Stage):
         pipe, inputs = ctx.load_models(), ctx.inputs
         ctx.progress.set_stage(2, self.name)
         path = os.path.join(ctx.out, self.file)
+        embs = None
+        if ctx.cluster.rank == 0:  # computed once, then broadcast
+            embs = self._compute(ctx, pipe, inputs, path)
+        embs = ctx.cluster.broadcast(embs)
+        ctx.sync_manifest()
+        ctx.progress.advance(ctx.n)
+        ctx.emb_posi = embs["posi"].to(pipe.device, pipe.torch_dtype)
+        ctx.emb_nega = embs["nega"].to(pipe.device, pipe.torch_dtype) if inputs.get("cfg_scale", 7.5) != 1.0 else None
+
+    def _compute(self, ctx, pipe, inputs, path):
         embs = _load_embeddings(path) if ctx.manifest.is_done(2, ctx.keys[2]) and os.path.isfile(path) else None
         if embs is None:
             ctx.manifest.begin(2, ctx.keys[2])
@@ -207,9 +220,7 @@ class PromptEmbeddings(Stage):
             os.makedirs(os.path.dirname(path), exist_ok=True)
             atomic_save_safetensors(embs, path)
             ctx.manifest.finish(2, ctx.keys[2])
-        ctx.progress.advance(ctx.n)
-        ctx.emb_posi = embs["posi"].to(pipe.device, pipe.torch_dtype)
-        ctx.emb_nega = embs["nega"].to(pipe.device, pipe.torch_dtype) if inputs.get("cfg_scale", 7.5) != 1.0 else None
+        return embs
 
 
 class InitialLatents(Stage):
@@ -234,7 +245,9 @@ class InitialLatents(Stage):
                 manifest.begin(3, keys[3])
                 generator = torch.Generator().manual_seed(int(ctx.config["pipeline"].get("seed", 0)))
                 input_frames = ctx.source if strength < 1.0 else None
-                ctx.latents = pipe.initial_latents(input_frames, ctx.n, ctx.width, ctx.height, strength, ctx.out, generator, ctx.progress)
+                ctx.latents = pipe.initial_latents(input_frames, ctx.n, ctx.width, ctx.height, strength, ctx.out, generator, ctx.progress,
+                                                   frames=ctx.share)
+                ctx.sync("initial latents")
                 manifest.finish(3, keys[3], bytes=ctx.latents.nbytes())
             else:
                 ctx.latents = tensor_store(os.path.join(ctx.out, "latents", f"step_{ctx.current:03d}"), ctx.n)
@@ -278,20 +291,27 @@ class Denoising(Stage):
         smoother_ids = set(inputs.get("smoother_progress_ids", []))
         latents = ctx.latents
         shape = latents[0].shape
-        for g in range(ctx.current):  # what a kill between two steps left: older generations, journals of finished steps
-            _remove_store(tensor_store(os.path.join(out, "latents", f"step_{g:03d}"), n))
-            WindowJournal(os.path.join(out, "latents", f"step_{g + 1:03d}_journal")).remove()
+        cluster = ctx.cluster
+        if cluster.rank == 0:
+            for g in range(ctx.current):  # what a kill between two steps left: older generations, journals of finished steps
+                _remove_store(tensor_store(os.path.join(out, "latents", f"step_{g:03d}"), n))
+                WindowJournal(os.path.join(out, "latents", f"step_{g + 1:03d}_journal")).remove()
+        ctx.sync("denoising")
         for step in range(ctx.current, ctx.num_steps):
             nxt = tensor_store(os.path.join(out, "latents", f"step_{step + 1:03d}"), n, shape=shape, dtype=torch.float32)
             journal = WindowJournal(os.path.join(out, "latents", f"step_{step + 1:03d}_journal"))
             if not nxt.complete():
                 if ctx.smoother is not None and step in smoother_ids:
+                    smooth_across = (lambda decoded, result: smooth_frames(ctx, decoded, result)) if cluster.world > 1 else None
                     pipe._smoothed_step(step, latents, nxt, ctx.cond_stores, ctx.emb_posi, ctx.emb_nega, options, ctx.progress, ctx.smoother,
-                                        ctx.source, out, shape)
+                                        ctx.source, out, shape, cluster=cluster, share=ctx.share, smooth=smooth_across)
                 else:
-                    pipe.denoise_step(step, latents, nxt, ctx.cond_stores, ctx.emb_posi, ctx.emb_nega, options, ctx.progress, journal=journal)
-            journal.remove()  # denoise_step removes it too, unless a kill came between the step's last commit and that
-            _remove_store(latents)
+                    pipe.denoise_step(step, latents, nxt, ctx.cond_stores, ctx.emb_posi, ctx.emb_nega, options, ctx.progress, journal=journal,
+                                      cluster=cluster)
+            ctx.sync(f"the end of step {step + 1}")  # every rank has written its frames of the step: the old generation can go
+            if cluster.rank == 0:
+                journal.remove()  # denoise_step removes it too (one process), unless a kill came between the step's last commit and that
+                _remove_store(latents)
             latents = nxt
             manifest.update(4, steps_done=step + 1, steps=ctx.num_steps)
         manifest.finish(4, ctx.keys[4], steps_done=ctx.num_steps, bytes=latents.nbytes())
@@ -314,7 +334,8 @@ class Decode(Stage):
         ctx.smoothed = ctx.final_smoothing and manifest.is_done(8, keys[8]) and frames.complete()
         if not ctx.smoothed and not (manifest.is_done(5, keys[5]) and ctx.decoded.complete()):
             manifest.begin(5, keys[5])
-            ctx.pipe.decode(ctx.final_latents, ctx.decoded, ctx.progress)
+            ctx.pipe.decode(ctx.final_latents, ctx.decoded, ctx.progress, frames=ctx.share)
+            ctx.sync("VAE decode")
             manifest.finish(5, keys[5], bytes=ctx.decoded.nbytes())
         ctx.progress.finish_stage(5)
 
@@ -338,7 +359,12 @@ class SmootherLeft(Stage):
     def run(self, ctx):
         if ctx.final_smoothing:
             if not ctx.smoothed:
-                smooth(ctx)
+                if ctx.cluster.world == 1 or splits(ctx):
+                    smooth(ctx)
+                else:  # a smoother that cannot be split runs on rank 0 while the others wait
+                    if ctx.cluster.rank == 0:
+                        smooth(ctx)
+                    ctx.sync("the smoother (on rank 0)")
         else:
             for sid in (6, 7, 8):
                 ctx.manifest.finish(sid, ctx.keys[sid], skipped="no smoother" if ctx.smoother is None else "the smoother runs only inside the denoising loop")
@@ -372,6 +398,9 @@ class SmootherOutput(Stage):
     def run(self, ctx):
         for sid in (6, 7, 8):
             ctx.progress.finish_stage(sid)
+        ctx.sync("the smoother output")
+        if ctx.cluster.rank != 0:
+            return
         if ctx.final_smoothing and not ctx.keep:  # the smoothed frames are in frames/: the unsmoothed ones are no longer needed
             _remove_store(ctx.decoded)
         if not ctx.keep and ctx.owns_cache and os.path.isdir(os.path.join(ctx.out, "smoother")):
@@ -385,6 +414,8 @@ class VideoEncode(Stage):
         return ["video.mp4"]
 
     def run(self, ctx):
+        if ctx.cluster.rank != 0:  # the video is encoded once, by rank 0
+            return
         ctx.progress.set_stage(9, self.name)
         video_path = os.path.join(ctx.out, "video.mp4")
         if not (ctx.manifest.is_done(9, ctx.keys[9]) and os.path.isfile(video_path)):
@@ -406,12 +437,15 @@ assert [stage.id for stage in STAGE_TABLE] == sorted(STAGE_NAMES)
 class RunContext:
     """What the stages of one run share: the plan, manifest, keys and progress, the stores, and the models once loaded."""
 
-    def __init__(self, runner, plan: dict, manifest: Manifest, keys: dict[int, str], progress):
+    def __init__(self, runner, plan: dict, manifest: Manifest, keys: dict[int, str], progress, cluster: Cluster | None = None):
         self.runner, self.plan, self.manifest, self.keys, self.progress = runner, plan, manifest, keys, progress
+        self.cluster = cluster if cluster is not None else Cluster.solo()
         self.config = plan["config"]
         self.inputs = self.config["pipeline"]["pipeline_inputs"]
         self.out = self.config["data"]["output_folder"]
         self.n, self.width, self.height = plan["num_frames"], plan["width"], plan["height"]
+        # this rank's frames in the per-frame stages (None: all, one process)
+        self.share = frame_share(self.n, self.cluster.rank, self.cluster.world) if self.cluster.world > 1 else None
         self.keep = self.config["data"].get("keep_intermediates", False)
         self.source = image_store(os.path.join(self.out, "source_images"), self.n, size=(self.width, self.height))
         self.frames = image_store(os.path.join(self.out, "frames"), self.n, size=(self.width, self.height))
@@ -423,6 +457,16 @@ class RunContext:
         self.latents = self.final_latents = self.decoded = None
         self.num_steps, self.current, self.need_denoise = 0, 0, False
         self.final_smoothing = self.smoothed = False
+
+    def sync(self, what: str) -> None:
+        """Meet the other ranks (every one has finished ``what``), then take rank 0's manifest."""
+        self.cluster.barrier(what)
+        self.sync_manifest()
+
+    def sync_manifest(self) -> None:
+        """Rank 0 writes the manifest; the others adopt its record (so every rank decides the same)."""
+        if self.cluster.world > 1:
+            self.manifest.data = self.cluster.broadcast(self.manifest.data)
 
     def load_models(self):
         """The pipeline (and the smoother chain), loaded on first use: after stage 0, which needs none."""
@@ -510,6 +554,9 @@ def smooth(ctx: RunContext) -> None:
     stages, manifest, keys, progress, frames = ctx.smoother_stages, ctx.manifest, ctx.keys, ctx.progress, ctx.frames
 
     def smooth_into_frames():
+        if stages.direct is not None and ctx.cluster.world > 1:  # each rank its share (the caller checked splits())
+            _smooth_spans(ctx, stages.direct, ctx.decoded, frames.folder)
+            return None
         if stages.direct is not None:  # FastBlend alone writes frames/ itself: no second copy in smoother/blended
             stages.direct.smooth(ctx.source, VideoFrames(ctx.decoded), result_folder=frames.folder)
             return None
@@ -538,6 +585,40 @@ def smooth(ctx: RunContext) -> None:
         manifest.finish(8, keys[8], bytes=0, note="FastBlend merged every frame into frames/ in stage 7")
     else:
         manifest.finish(8, keys[8], bytes=frames.nbytes())
+
+
+def splits(ctx: RunContext) -> bool:
+    """Whether the smoother can be split across ranks exactly: FastBlend alone, in a mode where a frame depends only on its window.
+
+    Then each rank smooths its share of the frames, reading the smoother's window of frames
+    more on each side (:meth:`FastBlendSmoother.smooth` with a span), and every frame is the
+    one a single process computes. Other chains (accurate mode, RIFE, processors after
+    FastBlend) run whole on rank 0 while the others wait.
+    """
+    direct = ctx.smoother_stages.direct
+    return direct is not None and getattr(direct, "inference_mode", None) in getattr(direct, "SPAN_MODES", ())
+
+
+def smooth_frames(ctx: RunContext, decoded, result) -> None:
+    """Smooth the ``decoded`` store into the ``result`` store on every rank (the in-loop smoother of a run on several processes)."""
+    if splits(ctx):
+        _smooth_spans(ctx, ctx.smoother_stages.direct, decoded, result.folder)
+        return
+    if ctx.cluster.rank == 0:
+        _put_all(result, ctx.smoother(VideoFrames(decoded), original_frames=ctx.source))
+    ctx.cluster.barrier("the smoother (on rank 0)")
+
+
+def _smooth_spans(ctx: RunContext, fastblend, style, result_folder: str) -> None:
+    """FastBlend over this rank's share of the frames: rank 0 checks the cache first and removes the partials after."""
+    cluster = ctx.cluster
+    if cluster.rank == 0:
+        fastblend.prepare(ctx.source, style, result_folder)
+    cluster.barrier("the smoother's cache check")
+    fastblend.smooth(ctx.source, style, result_folder=result_folder, span=(ctx.share.start, ctx.share.stop))
+    cluster.barrier("the smoother")
+    if cluster.rank == 0:
+        fastblend.release_partials(ctx.n, (ctx.width, ctx.height))
 
 
 # ---------------------------------------------------------------------- small helpers

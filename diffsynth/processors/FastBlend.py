@@ -153,48 +153,80 @@ class FastBlendSmoother(VideoProcessor):
         guide, style, _, _ = open_inputs(original_frames, rendered_frames)
         return self._run(guide, style, None)
 
-    def smooth(self, guide, style, result_folder: str | os.PathLike | None = None, keyframe_indices=None) -> StoreFrames:
-        """Like ``__call__(style, original_frames=guide)``, with the result frames in ``result_folder`` (the CLI's ``out/frames``)."""
+    def smooth(self, guide, style, result_folder: str | os.PathLike | None = None, keyframe_indices=None,
+               span: tuple[int, int] | None = None) -> StoreFrames:
+        """Like ``__call__(style, original_frames=guide)``, with the result frames in ``result_folder`` (the CLI's ``out/frames``).
+
+        ``span=(a, b)``: only frames ``a <= t < b``, each the frame the whole call gives
+        (fast and balanced modes, :attr:`SPAN_MODES`): one process's share of a render split
+        across several. The caller runs :meth:`prepare` once first (it checks the cache's key
+        and empties a stale cache) and :meth:`release_partials` once after every span is done.
+        """
+        if span is not None and self.inference_mode not in self.SPAN_MODES:
+            raise ValueError(f"FastBlend's {self.inference_mode!r} mode smooths whole videos only; spans need one of {self.SPAN_MODES}")
         if self.inference_mode != "interpolation":
             guide, style, _, _ = open_inputs(guide, style)
         else:
             guide = as_store(guide)
-        return self._run(guide, style, keyframe_indices, result_folder)
+        return self._run(guide, style, keyframe_indices, result_folder, span)
+
+    SPAN_MODES = ("fast", "balanced")
+    """Modes in which a frame's result depends only on the frames of its window (and the seed): :meth:`smooth` takes a span."""
+
+    def prepare(self, guide, style, result_folder: str | os.PathLike) -> None:
+        """Check the cache folder's key against these inputs (emptying it when stale), before spans run (:meth:`smooth`)."""
+        guide, style, n, size = open_inputs(guide, style)
+        root, _ = self._root(n, size, result_folder)
+        if root is not None:
+            self._check_key(root, self._stores(root, n, size, result_folder), guide, style, None, n, size)
+
+    def release_partials(self, n: int, size: tuple[int, int]) -> None:
+        """After every span is done: delete fast mode's left partials (unless ``keep_partials``), as a whole call does."""
+        root, _ = self._root(n, size, None) if self.cache_folder is not None else (None, None)
+        if root is not None and not self.keep_partials:
+            stores = self._stores(root, n, size, None)
+            if "left" in stores:
+                stores["left"].clear()
+            self._remove_old_right(root)
 
     # ------------------------------------------------------------------ internals
 
-    def _run(self, guide: Store, style, keyframe_indices, result_folder=None) -> StoreFrames:
+    def _run(self, guide: Store, style, keyframe_indices, result_folder=None, span=None) -> StoreFrames:
         interpolation = self.inference_mode == "interpolation"
         n = len(guide) if interpolation else len(style)
         size = self._size(style, keyframe_indices) if interpolation else frame_size(style[0])
         root, keepalive = self._root(n, size, result_folder)
         stores = self._stores(root, n, size, result_folder)
-        if root is not None:
+        if span is not None:
+            if root is None:
+                raise ValueError("FastBlend spans need a cache_folder (the spans of several processes meet in it)")
+        elif root is not None:
             self._check_key(root, stores, guide, style, keyframe_indices, n, size)
         elif result_folder is not None:  # nothing records what made its files: start afresh
             stores["result"].clear()
         out = stores["result"]
-        if not out.complete():
+        first, stop = span if span is not None else (0, n)
+        if any(first <= t < stop for t in out.missing()):
             stats = RunStats()
-            self._dispatch(guide, style, keyframe_indices, stores, stats)
+            self._dispatch(guide, style, keyframe_indices, stores, stats, span)
             self.last_stats = stats
             if self.device.startswith("cuda"):
                 torch.cuda.empty_cache()  # the original freed CuPy's pools here: give the VRAM back to the pipeline
-        if not self.keep_partials and "left" in stores and root is not None:
+        if span is None and not self.keep_partials and "left" in stores and root is not None:
             stores["left"].clear()
             self._remove_old_right(root)
         return StoreFrames(out, keepalive)
 
-    def _dispatch(self, guide, style, keyframe_indices, stores, stats) -> None:
+    def _dispatch(self, guide, style, keyframe_indices, stores, stats, span=None) -> None:
         common = dict(batch_size=self.batch_size, matcher_factory=self.matcher_factory or self.engine, seed=self.seed,
                       frame_cache=self.frame_cache,
                       progress_bar_cmd=self.progress_bar_cmd, progress_callback=self.progress_callback, stats=stats)
         mode = self.inference_mode
         if mode == "fast":
             fast_blend(guide, style, stores["result"], window_size=self.window_size, left=stores["left"],
-                       partial_dtype=self.partial_dtype, keep_left=self.keep_partials, **common)
+                       partial_dtype=self.partial_dtype, keep_left=self.keep_partials, span=span, **common)
         elif mode == "balanced":
-            balanced_blend(guide, style, stores["result"], window_size=self.window_size, **common)
+            balanced_blend(guide, style, stores["result"], window_size=self.window_size, span=span, **common)
         elif mode == "accurate":
             accurate_blend(guide, style, stores["result"], window_size=self.window_size, **common)
         elif mode == "interpolation":

@@ -46,7 +46,8 @@ _RIGHT_ORIGIN = 1 << 40  # the right pass's positions count down from here (see 
 def fast_blend(guide: Any, style: Any, out: Store | None = None, *, window_size: int = 60, batch_size: int = 8,
                matcher_factory: MatcherFactory | None = None, seed: int = 0, left: Store | None = None,
                right: Store | None = None, partial_dtype: torch.dtype = torch.float16, frame_cache: int | None = None,
-               progress_bar_cmd=None, progress_callback=None, stats: RunStats | None = None, keep_left: bool = True) -> Store:
+               progress_bar_cmd=None, progress_callback=None, stats: RunStats | None = None, keep_left: bool = True,
+               span: tuple[int, int] | None = None) -> Store:
     """Deflicker ``style`` guided by ``guide`` (stores or frame sequences) in fast mode; returns ``out``.
 
     ``out`` is a writable image store of ``N`` slots (default: in memory); ``left`` is a tensor
@@ -61,12 +62,16 @@ def fast_blend(guide: Any, style: Any, out: Store | None = None, *, window_size:
     ``window_size + batch_size + 2``, about one read per frame and pass). ``keep_left=False``
     deletes each ``L_t`` as soon as ``F_t`` is committed (the disk then holds about one partial
     or final file per frame at a time, not both); a rerun computes no ``L_t`` of a final frame.
+    ``span=(a, b)``: only the frames ``a <= t < b`` (one process's share; it reads ``window_size``
+    frames more on each side); each is the frame the whole call gives, since a frame's result
+    depends only on the frames of its window and the seed.
     """
     guide, style, n, (width, height) = open_inputs(guide, style)
     if window_size < 0 or batch_size < 1:
         raise ValueError(f"window_size must be >= 0 and batch_size >= 1, got {window_size} and {batch_size}")
     out = check_output_store(out if out is not None else image_store(None, n, size=(width, height)), n, "result")
-    if out.complete():
+    span = _check_span(span, n)
+    if not [t for t in out.missing() if span[0] <= t < span[1]]:
         return out
     shape = (height, width, 3)
     left = check_output_store(left if left is not None else tensor_store(None, n, shape=shape, dtype=partial_dtype), n, "left")
@@ -87,7 +92,7 @@ def fast_blend(guide: Any, style: Any, out: Store | None = None, *, window_size:
         right_out = right
     for direction, partial in (("left", left), ("right", right_out)):
         fast_pass(direction, readers, partial, matcher, device, window_size=window_size, batch_size=batch_size, seed=seed,
-                  partial_dtype=partial_dtype, progress=progress, stats=stats, final=out if direction == "left" else None)
+                  partial_dtype=partial_dtype, progress=progress, stats=stats, final=out if direction == "left" else None, span=span)
     if right is not None:
         merge_partials(left, right, readers["style"].store, out, window_size, size=(width, height), progress=progress)
     return out
@@ -95,10 +100,11 @@ def fast_blend(guide: Any, style: Any, out: Store | None = None, *, window_size:
 
 def fast_pass(direction: str, readers: dict[str, FrameReader], partial: Store, matcher, device, *, window_size: int,
               batch_size: int, seed: int, partial_dtype: torch.dtype = torch.float16, progress=(None, None),
-              stats: RunStats | None = None, final: Store | None = None) -> None:
+              stats: RunStats | None = None, final: Store | None = None, span: tuple[int, int] | None = None) -> None:
     """One pass (``"left"`` or ``"right"``) of fast mode, writing ``L_t`` (or ``R_t``) of every missing frame into ``partial``.
 
     ``final``: the output store; frames already in it are not missing (their partial is not needed).
+    ``span=(a, b)``: only the frames ``a <= t < b`` (see :func:`fast_blend`).
 
     The right pass is the left pass on the reversed sequence: frame ``t`` is pass position
     ``ORIGIN − 1 − t`` for a fixed ``ORIGIN`` (``2**40``), not ``N − 1 − t``, so the Fenwick nodes
@@ -109,19 +115,22 @@ def fast_pass(direction: str, readers: dict[str, FrameReader], partial: Store, m
     if direction not in ("left", "right"):
         raise ValueError(f"direction must be 'left' or 'right', got {direction!r}")
     n = len(partial)
-    missing = partial.missing()
+    first, stop = _check_span(span, n)
+    missing = [i for i in partial.missing() if first <= i < stop]
     if final is not None:  # frames already final need no partial (their L_t may have been released after the merge)
         missing = [i for i in missing if i not in final]
     if not missing:
         return
     forward = direction == "left"
-    lo = 0 if forward else _RIGHT_ORIGIN - n  # the first pass position
+    # The pass runs over the positions of the span's windows: [a - w, b) forward, [a, b + w) backward (clipped to the video).
+    lo = max(first - window_size, 0) if forward else _RIGHT_ORIGIN - min(stop + window_size, n)  # the first pass position
+    end = stop if forward else _RIGHT_ORIGIN - first
 
     def frame(k: int) -> int:
         return k if forward else _RIGHT_ORIGIN - 1 - k
 
-    resume_from = missing[0] if forward else n - 1 - missing[-1]  # relative to lo
-    if resume_from:
+    resume_from = (missing[0] if forward else _RIGHT_ORIGIN - 1 - missing[-1]) - lo  # relative to lo
+    if resume_from and span is None:
         logger.info("FastBlend %s pass: resuming at frame %d of %d", direction, frame(lo + resume_from), n)
     stats = stats if stats is not None else RunStats()
 
@@ -144,8 +153,8 @@ def fast_pass(direction: str, readers: dict[str, FrameReader], partial: Store, m
         accumulators = sum(len(levels) for levels in table_sums.values()) + len(window_sums)
         stats.held(len(nodes), len(nodes) + accumulators)
 
-    bar = Progress(f"FastBlend {direction} pass", n - resume_from, *progress)
-    events = fast_pass_plan(n, window_size, batch_size, resume_from, lo)
+    bar = Progress(f"FastBlend {direction} pass", end - lo - resume_from, *progress)
+    events = fast_pass_plan(end - lo, window_size, batch_size, resume_from, lo)
     with WriteBehind(partial, max_pending=2) as writer, prefetched(BatchLoader(readers, needs), events) as stream:
         for event, frames in stream:
             if isinstance(event, TableBatch):
@@ -200,6 +209,15 @@ def fast_pass(direction: str, readers: dict[str, FrameReader], partial: Store, m
                 for key in free_after.pop(t, ()):
                     del nodes[key]
     bar.close()
+
+
+def _check_span(span: tuple[int, int] | None, n: int) -> tuple[int, int]:
+    if span is None:
+        return 0, n
+    first, stop = span
+    if not 0 <= first <= stop <= n:
+        raise ValueError(f"span must be (a, b) with 0 <= a <= b <= {n} (the number of frames), got {span}")
+    return first, stop
 
 
 def merge_frame(t: int, n: int, window_size: int, left_t: torch.Tensor, right_t: torch.Tensor, style_t: torch.Tensor):
