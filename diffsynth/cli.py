@@ -269,7 +269,7 @@ def stage_table(out: str, config: dict | None = None, check_keys: bool = True, c
     previous = os.path.join(out, PREVIOUS_FOLDER)
     kept = [os.path.join(previous, d) for d in sorted(os.listdir(previous)) if not d.startswith(".")] if os.path.isdir(previous) else []
     return {"out": out, "frames": n, "rows": rows, "last_done": manifest.last_done(), "key_problem": key_problem, "total_bytes": path_bytes(out),
-            "previous": [{"path": p, "bytes": path_bytes(p)} for p in kept]}
+            "previous": [{"path": p, "bytes": path_bytes(p)} for p in kept], "distributed": manifest.data.get("distributed")}
 
 
 def format_stage_table(table: dict) -> str:
@@ -281,6 +281,13 @@ def format_stage_table(table: dict) -> str:
         lines.append(f"{r['id']:>2}  {r['name']:<24} {r['status']:<8} {r['frames']:<26} {human_bytes(r['bytes']):>10}  {r['key']:<6} {r['note']}".rstrip())
     if table["key_problem"]:
         lines.append(f"keys not checked: {table['key_problem']}")
+    shares = table.get("distributed")
+    if shares:
+        lines.append(f"last run on {shares['world_size']} processes ({shares['windows']} denoising windows per step):")
+        for r in shares["ranks"]:
+            first, stop = r["frames"]
+            windows = f"windows {r['windows'][0]}-{r['windows'][1] - 1}" if r["windows"][1] > r["windows"][0] else "no windows"
+            lines.append(f"  rank {r['rank']} on {r['host']}: frames {first}-{stop - 1} ({stop - first}), {windows}")
     for kept in table.get("previous", []):
         lines.append(f"previous render kept: {kept['path']} ({human_bytes(kept['bytes'])}; `diffsynth clean {table['out']} --previous` removes it)")
     return "\n".join(lines)

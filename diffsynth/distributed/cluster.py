@@ -130,10 +130,17 @@ class Cluster:
         elif "OMP_NUM_THREADS" not in os.environ:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local_world, 1)))
         backend = "cpu:gloo,cuda:nccl" if cuda else "gloo"
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout))
-        cluster = cls(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local_rank, local_world=local_world,
-                      backend=backend, timeout=timeout, restart=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")))
-        cluster._store = dist.distributed_c10d._get_default_store()
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        # The launcher's store outlives a restart of the group; keys of the attempt before (a dead rank's address)
+        # would be read as this attempt's. Every attempt gets keys of its own.
+        agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)  # else rank 0 hosts it
+        tcp = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=not agent_store and rank == 0,
+                            timeout=datetime.timedelta(seconds=timeout))
+        store = dist.PrefixStore(f"diffsynth/attempt_{restart}", tcp)
+        dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout))
+        cluster = cls(rank=rank, world=world, local_rank=local_rank, local_world=local_world, backend=backend, timeout=timeout, restart=restart)
+        cluster._store = store
         cluster._start_heartbeat()
         me = Member(cluster.rank, socket.gethostname(), os.getpid(), local_rank)
         cluster.members = cluster.all_gather(me)
@@ -287,11 +294,25 @@ def frame_share(n: int, rank: int, world: int) -> range:
 
 
 def window_owners(window_sizes: list[int], world: int) -> list[int]:
-    """The rank of each sliding window: contiguous runs, balanced by frames (a window's cost is its frame count)."""
-    total = sum(window_sizes)
-    owners, done = [], 0
+    """The rank of each sliding window: contiguous runs, balanced by frames (a window's cost is its frame count).
+
+    Rank ``r``'s run starts at the window boundary nearest to ``r/world`` of all the frames,
+    and every rank gets at least one window while there are enough; with fewer windows than
+    ranks, window ``k`` goes to rank ``k`` and the last ranks get none.
+    """
+    count = len(window_sizes)
+    if count <= world:
+        return list(range(count))
+    before = [0]
     for size in window_sizes:
-        centre = done + size / 2  # a window goes to the rank whose share of the total holds its middle
-        owners.append(min(int(centre * world // total) if total else 0, world - 1))
-        done += size
+        before.append(before[-1] + size)  # frames in the windows before each boundary
+    total = before[-1]
+    starts = [0]
+    for r in range(1, world):
+        lowest, highest = starts[-1] + 1, count - (world - r)  # leave a window for each later rank
+        goal = r * total / world
+        starts.append(min(range(lowest, highest + 1), key=lambda k: (abs(before[k] - goal), k)))
+    owners = []
+    for r, (first, stop) in enumerate(zip(starts, starts[1:] + [count])):
+        owners += [r] * (stop - first)
     return owners
