@@ -344,7 +344,9 @@ class SDVideoPipeline:
                     contributions = {i: (e_pos[j].cpu(), e_neg[j].cpu() if e_neg is not None else None) for j, i in enumerate(frames)}
                     if journal is not None:
                         journal.commit(k, window, contributions)
-                    progress("denoise", window.end - window.start, None)
+                    ran = True
+                else:
+                    ran = False
                 for i in frames:
                     if i not in mine:
                         continue
@@ -370,6 +372,8 @@ class SDVideoPipeline:
                     for k2 in [k2 for k2, left in unclosed.items() if left == 0 and k2 <= k]:
                         journal.discard(k2)
                         del unclosed[k2]
+                if ran:
+                    progress("denoise", window.end - window.start, None)
             if boundary:
                 received = self._exchange_boundary(cluster, boundary, held, holders, cover, owners, with_negative, src[0].shape)
                 for i in sorted(boundary):
