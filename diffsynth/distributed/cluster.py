@@ -97,8 +97,9 @@ class Cluster:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _count: int = 0
     _stop: threading.Event = field(default_factory=threading.Event)
-    bytes_sent: int = 0
-    waited: float = 0.0
+    bytes_sent: int = 0  # by broadcast and exchange (what bench/distributed.py reports)
+    exchanged: int = 0  # by exchange alone: the denoising's boundary predictions
+    waited: float = 0.0  # seconds spent at barriers
 
     # ------------------------------------------------------------------ setup
 
@@ -279,7 +280,9 @@ class Cluster:
         if ops:
             for work in dist.batch_isend_irecv(ops):
                 work.wait()
-        self.bytes_sent += sum(t.numel() * t.element_size() for t in sends.values())
+        sent = sum(t.numel() * t.element_size() for t in sends.values())
+        self.bytes_sent += sent
+        self.exchanged += sent
 
     def _cpu_group(self):
         return None  # the default group: gloo, or cpu:gloo,cuda:nccl (CPU tensors go through gloo)

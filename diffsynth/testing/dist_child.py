@@ -9,8 +9,9 @@ Started by torch's launcher (or alone, as a world of one)::
   forward call, in the launcher's first attempt only (``TORCHELASTIC_RESTART_COUNT`` 0), so a
   restarted group runs to the end;
 * ``--log-dir DIR``: one byte per UNet call into ``DIR/unet.rank<R>.attempt<A>`` (unbuffered,
-  survives the kill), and ``DIR/times.rank<R>.attempt<A>.json`` at the end: seconds in the
-  denoising, waiting at barriers, and in all, and the bytes this rank sent.
+  survives the kill), and ``DIR/times.rank<R>.attempt<A>.json`` at the end: seconds in UNet
+  calls, waiting at barriers and in all, the wall-clock times of the first and last UNet call,
+  and the bytes this rank sent (all, and in the denoising's boundary exchange).
 
 The forward hook is added by a runner subclass; no library module is patched. Exit status:
 0 done, 1 the run stopped (message on stderr).
@@ -55,14 +56,17 @@ def main(argv: list[str] | None = None) -> int:
         os.makedirs(args.log_dir, exist_ok=True)
         log_fd = os.open(os.path.join(args.log_dir, f"unet.rank{cluster.rank}.attempt{attempt}"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     calls = [0]
-    denoise = [0.0, None]  # seconds in UNet windows; start of the current call
+    denoise = [0.0, None, None, None]  # seconds in UNet calls; start of the current call; wall clock of the first start, last end
 
     def before_unet(module, inputs):
         denoise[1] = time.monotonic()
+        if denoise[2] is None:
+            denoise[2] = time.time()
 
     def after_unet(module, inputs, output):
         calls[0] += 1
         denoise[0] += time.monotonic() - denoise[1]
+        denoise[3] = time.time()
         if log_fd is not None:
             os.write(log_fd, b"u")
         if cluster.rank == args.kill_rank and attempt == 0 and calls[0] == args.kill_after_unet:
@@ -86,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if args.log_dir:
             times = {"unet_seconds": denoise[0], "wait_seconds": cluster.waited, "total_seconds": time.monotonic() - started,
-                     "bytes_sent": cluster.bytes_sent, "unet_calls": calls[0]}
+                     "first_unet_at": denoise[2], "last_unet_at": denoise[3], "bytes_sent": cluster.bytes_sent,
+                     "bytes_exchanged": cluster.exchanged, "unet_calls": calls[0]}
             with open(os.path.join(args.log_dir, f"times.rank{cluster.rank}.attempt{attempt}.json"), "w", encoding="utf-8") as f:
                 json.dump(times, f)
         cluster.close()
