@@ -774,7 +774,7 @@ def test_real_engine_frames_do_not_depend_on_the_video_length(flicker_clip):
     assert np.array_equal(short[: 7 - w], long[: 7 - w])
 
 
-@pytest.mark.parametrize("blend", [fast_blend, balanced_blend], ids=["fast", "balanced"])
+@pytest.mark.parametrize("blend", [fast_blend, balanced_blend, accurate_blend], ids=["fast", "balanced", "accurate"])
 @pytest.mark.parametrize("cuts", [(0, 7, 20), (0, 1, 2, 13, 20), (0, 10, 10, 20)])
 def test_spans_side_by_side_give_the_whole_calls_frames(blend, cuts):
     """What several processes do: each span (a, b) computed into one store equals the whole call, bit for bit."""

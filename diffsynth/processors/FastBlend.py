@@ -66,9 +66,11 @@ class FastBlendSmoother(VideoProcessor):
     ``batch_size`` the patch matches per engine call; the engine settings are the original's
     ``ebsynth_config``. ``device=None``: CUDA when available, else the CPU. ``seed`` makes
     ``initialize="random"`` and the random search reproducible: every patch match draws from its
-    own seed, derived from this one and the frames it matches, so in fast and balanced modes a
-    frame's result depends only on the frames of its window and the seed, not on the length of
-    the clip nor on how matches are batched (``batch_size`` changes speed only).
+    own seed, derived from this one and the frames it matches, so a frame's result depends only
+    on the frames of its window and the seed, not on the length of the clip (in fast and
+    balanced modes not on how matches are batched either: ``batch_size`` changes speed only;
+    accurate mode's chunks of ``batch_size`` sources are part of its method). Hence a video can
+    be smoothed in spans, one per process (:meth:`smooth`).
 
     Keyword-only extras: ``backend`` (engine backend, ``"auto"``/``"torch"``/``"cupy"``),
     ``partial_dtype`` (fast mode's partial files, float16 by default, see
@@ -158,7 +160,7 @@ class FastBlendSmoother(VideoProcessor):
         """Like ``__call__(style, original_frames=guide)``, with the result frames in ``result_folder`` (the CLI's ``out/frames``).
 
         ``span=(a, b)``: only frames ``a <= t < b``, each the frame the whole call gives
-        (fast and balanced modes, :attr:`SPAN_MODES`): one process's share of a render split
+        (every mode but interpolation, :attr:`SPAN_MODES`): one process's share of a render split
         across several. The caller runs :meth:`prepare` once first (it checks the cache's key
         and empties a stale cache) and :meth:`release_partials` once after every span is done.
         """
@@ -170,7 +172,7 @@ class FastBlendSmoother(VideoProcessor):
             guide = as_store(guide)
         return self._run(guide, style, keyframe_indices, result_folder, span)
 
-    SPAN_MODES = ("fast", "balanced")
+    SPAN_MODES = ("fast", "balanced", "accurate")
     """Modes in which a frame's result depends only on the frames of its window (and the seed): :meth:`smooth` takes a span."""
 
     def prepare(self, guide, style, result_folder: str | os.PathLike) -> None:
@@ -228,7 +230,7 @@ class FastBlendSmoother(VideoProcessor):
         elif mode == "balanced":
             balanced_blend(guide, style, stores["result"], window_size=self.window_size, span=span, **common)
         elif mode == "accurate":
-            accurate_blend(guide, style, stores["result"], window_size=self.window_size, **common)
+            accurate_blend(guide, style, stores["result"], window_size=self.window_size, span=span, **common)
         elif mode == "interpolation":
             interpolate_keyframes(guide, style, stores["result"], keyframe_indices=keyframe_indices,
                                   tracking_window_size=self.engine.tracking_window_size, **common)

@@ -32,16 +32,21 @@ def accurate_plan(n: int, window_size: int, batch_size: int, targets):
 
 def accurate_blend(guide: Any, style: Any, out: Store | None = None, *, window_size: int = 60, batch_size: int = 8,
                    matcher_factory: MatcherFactory | None = None, seed: int = 0, frame_cache: int | None = None,
-                   progress_bar_cmd=None, progress_callback=None, stats: RunStats | None = None) -> Store:
+                   progress_bar_cmd=None, progress_callback=None, stats: RunStats | None = None,
+                   span: tuple[int, int] | None = None) -> Store:
     """Deflicker ``style`` guided by ``guide`` in accurate mode into ``out`` (default: in memory); returns ``out``.
 
     Frames already in ``out`` are kept (a rerun computes the missing ones, identically).
+    ``span=(a, b)``: only the frames ``a <= t < b`` (one process's share), each as the whole call gives it.
     """
     guide, style, n, (width, height) = open_inputs(guide, style)
     if window_size < 0 or batch_size < 1:
         raise ValueError(f"window_size must be >= 0 and batch_size >= 1, got {window_size} and {batch_size}")
     out = check_output_store(out if out is not None else image_store(None, n, size=(width, height)), n, "result")
-    missing = out.missing()
+    first, stop = span if span is not None else (0, n)
+    if not 0 <= first <= stop <= n:
+        raise ValueError(f"span must be (a, b) with 0 <= a <= b <= {n} (the number of frames), got {span}")
+    missing = [t for t in out.missing() if first <= t < stop]
     if not missing:
         return out
     capacity = min(n, frame_cache if frame_cache is not None else 2 * window_size + batch_size + 2)
