@@ -6,7 +6,8 @@ import time
 import streamlit as st
 
 from diffsynth.controlnets.annotators import PROCESSOR_IDS
-from diffsynth.webui.choices import CUSTOM_SIZE, SIZE_PRESETS, available_devices, guess_processor, model_files, snap_to_8
+from diffsynth.webui.choices import (CUSTOM_SIZE, SIZE_PRESETS, available_devices, gpu_process_choices, guess_processor, model_files,
+                                    snap_to_8)
 from diffsynth.utils.sizes import human_bytes
 from diffsynth.webui.runs import (RunInfo, cancel_render, list_runs, read_worker_record, render_processes, rendering_processes,
                                   run_info, start_render, write_run_config)
@@ -118,6 +119,12 @@ with form_column:
         form.controlnet_batch_size = c2.slider("ControlNet batch size", 1, 32, 1, key="controlnet_batch_size")
         form.cross_frame_attention = st.checkbox("Enable Cross-Frame Attention", value=False, key="cross_frame_attention")
 
+    process_choices = gpu_process_choices()
+    processes = 1
+    if len(process_choices) > 1:  # more than one CUDA device: one video across several of them, same result
+        processes = st.selectbox("GPU processes", process_choices, index=len(process_choices) - 1, key="gpu_processes",
+                                 help="render this video on this many GPUs at once (one process each); the frames are the ones one GPU gives")
+
     if st.button("☢️Run☢️", type="primary", key="start_run", help="starts a background render; you may close the browser"):
         form.seed = int(seed) if use_fixed_seed else random.randrange(0, 10**9)
         try:
@@ -128,7 +135,7 @@ with form_column:
             if render_processes(out):
                 raise ValueError(f"a render is already running in {out}; cancel it first or choose another render name")
             write_run_config(config, out)
-            proc = start_render(out)
+            proc = start_render(out, processes=processes)
         except (ValueError, OSError) as exc:
             st.error(str(exc))
         else:
@@ -147,7 +154,7 @@ def show_run(info: RunInfo) -> None:
     if c1.button("Resume", key="resume_run", disabled=info.state in ("running", "done")):
         try:
             record = read_worker_record(info.out) or {}
-            proc = start_render(info.out, cwd=record.get("cwd"))
+            proc = start_render(info.out, cwd=record.get("cwd"), processes=int(record.get("processes", 1)))
         except (ValueError, OSError) as exc:
             flash("error", str(exc))
         else:

@@ -377,3 +377,31 @@ def test_a_command_line_render_is_listed_and_cancelled_from_the_page(in_project)
     _no_problems(at)
     assert at.button(key="cancel_run").disabled and not at.button(key="resume_run").disabled
     assert runs.run_info(out).state in ("stopped", "not started")
+
+
+def test_the_page_offers_gpu_processes_only_with_several_cuda_devices(in_project, monkeypatch):
+    at = AppTest.from_file(VIDEO_PAGE, default_timeout=60).run()
+    _no_problems(at)
+    assert "gpu_processes" not in [box.key for box in at.selectbox]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    at = AppTest.from_file(VIDEO_PAGE, default_timeout=60).run()
+    _no_problems(at)
+    box = at.selectbox(key="gpu_processes")
+    assert box.options == ["1", "2", "3", "4"] and box.value == 4  # all of them by default
+
+
+def test_a_render_started_on_two_processes_runs_under_the_launcher_and_resumes_so(in_project, tmp_path):
+    """``start_render(out, processes=2)``: the worker runs ``diffsynth run --nproc-per-node 2``; the record keeps the count for Resume."""
+    config = write_tiny_project(str(tmp_path / "two"), frames=FRAMES, smoother=False, steps=2)
+    config["pipeline"]["pipeline_inputs"].update(animatediff_batch_size=2, animatediff_stride=1)
+    out = config["data"]["output_folder"]
+    runs.write_run_config(config, out)
+    proc = runs.start_render(out, processes=2)
+    assert proc.wait(timeout=240) == 0, runs.log_tail(out)
+    record = runs.read_worker_record(out)
+    assert record["state"] == "finished" and record["processes"] == 2 and record["argv"][-2:] == ["--nproc-per-node", "2"]
+    assert json.load(open(os.path.join(out, "manifest.json")))["distributed"]["world_size"] == 2
+    assert sorted(os.listdir(os.path.join(out, "frames"))) == [f"{i:06d}.png" for i in range(FRAMES)]
+    with pytest.raises(ValueError, match="processes must be >= 1"):
+        runs.start_render(out, processes=0)

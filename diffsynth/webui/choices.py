@@ -57,6 +57,14 @@ def guess_processor(model_path: str | None) -> str | None:
     return max(matches, key=len) if matches else None
 
 
+def gpu_process_choices() -> list[int]:
+    """How many processes a render may use: ``[1, ..., n]`` with ``n`` visible CUDA devices (one process each), ``[1]`` else."""
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return list(range(1, count + 1)) if count > 1 else [1]
+
+
 def available_devices() -> list[str]:
     """Devices this machine can run on, the default first (see ``diffsynth.utils.device``)."""
     import torch

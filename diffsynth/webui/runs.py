@@ -135,21 +135,26 @@ def write_worker_record(out: str, record: dict) -> None:
     atomic_write_text(os.path.join(out, WORKER_FILE), json.dumps(record, indent=2))
 
 
-def start_render(out: str, python: str = sys.executable, cwd: str | None = None) -> subprocess.Popen:
+def start_render(out: str, python: str = sys.executable, cwd: str | None = None, processes: int = 1) -> subprocess.Popen:
     """Start (or resume: it is the same) the render of ``OUTPUT/config.json`` in a detached worker process.
 
     Refuses with ``RunBusy`` while another process renders into ``out``: two writers of one
     folder would each redo the other's work. Output goes to ``OUTPUT/worker.log``.
+    ``processes`` > 1: the worker runs the render under torch's launcher on that many
+    processes (one per GPU; ``diffsynth run --nproc-per-node``).
     """
+    if processes < 1:
+        raise ValueError(f"processes must be >= 1, got {processes}")
     out = os.path.abspath(out)
     if not os.path.isfile(os.path.join(out, CONFIG_FILE)):
         raise ValueError(f"{out} has no {CONFIG_FILE}: start a render from the form first")
     busy = render_processes(out)
     if busy:
         raise RunBusy(f"a render is already running in {out} (pid {', '.join(str(p.pid) for p in busy)}); cancel it first or wait for it")
-    argv = [python, "-m", WORKER_MODULE, out]
+    argv = [python, "-m", WORKER_MODULE, out] + (["--nproc-per-node", str(processes)] if processes > 1 else [])
     cwd = cwd or os.getcwd()
-    write_worker_record(out, {"state": "starting", "argv": argv, "cwd": cwd, "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    write_worker_record(out, {"state": "starting", "argv": argv, "cwd": cwd, "processes": processes,
+                              "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     with open(os.path.join(out, LOG_FILE), "ab") as log:
         log.write(f"\n== {time.strftime('%Y-%m-%d %H:%M:%S')} started by the WebUI: {' '.join(argv)}\n".encode())

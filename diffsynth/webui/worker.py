@@ -1,6 +1,6 @@
-"""``python -m diffsynth.webui.worker OUTPUT``: the WebUI's background render of ``OUTPUT/config.json``.
+"""``python -m diffsynth.webui.worker OUTPUT [--nproc-per-node N]``: the WebUI's background render of ``OUTPUT/config.json``.
 
-It is ``diffsynth run OUTPUT/config.json`` (the same function, so the same stages, cache
+It is ``diffsynth run OUTPUT/config.json [--nproc-per-node N]`` (the same function, so the same stages, cache
 keys and resume) plus a record of the outcome in ``OUTPUT/worker.json`` for the page:
 ``running`` with the pid while it works, then ``finished``, ``cancelled`` or ``failed``
 with the exit code. SIGTERM (the page's Cancel) stops it like Ctrl-C does the command.
@@ -22,8 +22,11 @@ def _interrupt(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print("usage: python -m diffsynth.webui.worker OUTPUT_FOLDER", file=sys.stderr)
+    launcher = []
+    if len(argv) == 3 and argv[1] == "--nproc-per-node" and argv[2].isdigit():
+        launcher = argv[1:]  # several processes: the render runs under torch's launcher (diffsynth run --nproc-per-node)
+    elif len(argv) != 1:
+        print("usage: python -m diffsynth.webui.worker OUTPUT_FOLDER [--nproc-per-node N]", file=sys.stderr)
         return 2
     out = os.path.abspath(argv[0])
     signal.signal(signal.SIGTERM, _interrupt)
@@ -33,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     write_worker_record(out, record)
     code = 1  # what is recorded if cli_main raises (its traceback still goes to the log)
     try:
-        code = cli_main(["run", os.path.join(out, CONFIG_FILE)])
+        code = cli_main(["run", os.path.join(out, CONFIG_FILE), *launcher])
     except KeyboardInterrupt:  # a Cancel that came before the render's own Ctrl-C handling was set up
         code = 130
         print("interrupted before the render started", file=sys.stderr)
