@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -205,3 +206,31 @@ def test_a_missing_model_on_one_node_stops_every_rank_promptly_with_its_name(pro
     assert "gone.safetensors" in logs[1] and "rank 1" in logs[1]
     assert "rank 1" in logs[0] and "cannot start" in logs[0] and "gone.safetensors" in logs[0]
     assert not os.path.exists(os.path.join(out, "frames"))
+
+
+def test_a_rank_that_stops_answering_is_given_up_after_the_timeout_with_its_name(project, tmp_path):
+    """Rank 1 freezes (SIGSTOP) inside a step; rank 0, waiting for it, stops after --dist-timeout 4 s naming it."""
+    log_path = tmp_path / "run.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([*TORCHRUN, "--standalone", "--nproc-per-node=2", *CHILD, project["path"], "--output-folder",
+                                 str(tmp_path / "out"), "--kill-rank", "1", "--freeze-after-unet", "3", "--dist-timeout", "4"],
+                                env=ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        def message():
+            text = log_path.read_text()
+            return "has not answered for 4 s" in text and text
+        text = _wait_for(message, 120)
+        assert "rank 1 (host" in text and "rank 0" in text and "--dist-timeout" in text
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the frozen rank cannot be stopped politely
+        proc.wait(timeout=30)
+
+
+def _wait_for(condition, timeout):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"not within {timeout} s")

@@ -278,8 +278,13 @@ class Cluster:
         ops = [dist.P2POp(dist.isend, tensor.contiguous(), peer, group=self._cpu_group()) for peer, tensor in sorted(sends.items())]
         ops += [dist.P2POp(dist.irecv, tensor, peer, group=self._cpu_group()) for peer, tensor in sorted(receives.items())]
         if ops:
-            for work in dist.batch_isend_irecv(ops):
-                work.wait()
+            try:
+                for work in dist.batch_isend_irecv(ops):
+                    work.wait()
+            except RuntimeError as exc:  # gloo's timeout or a closed connection: a peer died or hangs
+                peers = ", ".join(str(self.members[p]) for p in sorted(set(sends) | set(receives)))
+                raise ClusterError(f"the exchange with {peers} failed ({exc}): that process stopped or the network between "
+                                   "the machines broke. Rerun the same command to continue") from exc
         sent = sum(t.numel() * t.element_size() for t in sends.values())
         self.bytes_sent += sent
         self.exchanged += sent

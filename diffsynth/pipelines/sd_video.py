@@ -374,6 +374,7 @@ class SDVideoPipeline:
                         del unclosed[k2]
                 if ran:
                     progress("denoise", window.end - window.start, None)
+            cluster.barrier(f"the end of step {step + 1}'s windows")  # so the exchange never waits for a slow rank's windows
             if boundary:
                 received = self._exchange_boundary(cluster, boundary, held, holders, cover, owners, with_negative, src[0].shape)
                 for i in sorted(boundary):

@@ -8,6 +8,8 @@ Started by torch's launcher (or alone, as a world of one)::
 * ``--kill-rank R --kill-after-unet K``: rank R sends itself SIGKILL right after its K-th UNet
   forward call, in the launcher's first attempt only (``TORCHELASTIC_RESTART_COUNT`` 0), so a
   restarted group runs to the end;
+* ``--kill-rank R --freeze-after-unet K``: the same with SIGSTOP: a rank that stops answering
+  without dying (its heartbeat stops too);
 * ``--log-dir DIR``: one byte per UNet call into ``DIR/unet.rank<R>.attempt<A>`` (unbuffered,
   survives the kill), and ``DIR/times.rank<R>.attempt<A>.json`` at the end: seconds in UNet
   calls, waiting at barriers and in all, the wall-clock times of the first and last UNet call,
@@ -39,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output-folder", required=True)
     p.add_argument("--kill-rank", type=int, default=None)
     p.add_argument("--kill-after-unet", type=int, default=None)
+    p.add_argument("--freeze-after-unet", type=int, default=None, help="rank --kill-rank stops (SIGSTOP) instead of dying")
     p.add_argument("--log-dir", default=None)
     p.add_argument("--dist-timeout", type=float, default=None)
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
@@ -69,10 +72,10 @@ def main(argv: list[str] | None = None) -> int:
         denoise[3] = time.time()
         if log_fd is not None:
             os.write(log_fd, b"u")
-        if cluster.rank == args.kill_rank and attempt == 0 and calls[0] == args.kill_after_unet:
+        if cluster.rank == args.kill_rank and attempt == 0 and calls[0] in (args.kill_after_unet, args.freeze_after_unet):
             sys.stdout.flush()
             sys.stderr.flush()
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), signal.SIGKILL if calls[0] == args.kill_after_unet else signal.SIGSTOP)
 
     class CountingRunner(SDVideoPipelineRunner):
         def _load_pipeline(self, config):
