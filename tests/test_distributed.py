@@ -234,3 +234,21 @@ def _wait_for(condition, timeout):
             return value
         time.sleep(0.2)
     raise AssertionError(f"not within {timeout} s")
+
+
+def test_a_smoother_chain_with_rife_and_contrast_splits_exactly(project, tmp_path):
+    """FastBlend, then RIFE, then Contrast, inside the loop and on the final frames: each rank its share, the same frames."""
+    from diffsynth.testing.rife_files import write_rife_file
+
+    config = json.loads(json.dumps(project["config"]))
+    config["models"]["model_list"].append(write_rife_file(str(tmp_path / "models" / "RIFE" / "flownet.pkl")))
+    config["smoother_configs"] = [{"processor_type": "FastBlend", "config": {"window_size": 3, "minimum_patch_size": 3, "num_iter": 2}},
+                                  {"processor_type": "RIFE", "config": {"batch_size": 3}},
+                                  {"processor_type": "Contrast", "config": {"rate": 1.2}}]
+    path = tmp_path / "chain.json"
+    path.write_text(json.dumps(config))
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    _ok(_diffsynth("run", str(path), "--output-folder", one))
+    _ok(_diffsynth("run", str(path), "--output-folder", two, "--nproc-per-node", "2"))
+    assert _frames(two) == _frames(one)
+    assert np.array_equal(_video(two), _video(one))

@@ -554,8 +554,8 @@ def smooth(ctx: RunContext) -> None:
     stages, manifest, keys, progress, frames = ctx.smoother_stages, ctx.manifest, ctx.keys, ctx.progress, ctx.frames
 
     def smooth_into_frames():
-        if stages.direct is not None and ctx.cluster.world > 1:  # each rank its share (the caller checked splits())
-            _smooth_spans(ctx, stages.direct, ctx.decoded, frames.folder)
+        if ctx.cluster.world > 1:  # each rank its share (the caller checked splits())
+            smooth_across(ctx, ctx.decoded, frames, progress_each=lambda todo: progress.each(todo))
             return None
         if stages.direct is not None:  # FastBlend alone writes frames/ itself: no second copy in smoother/blended
             stages.direct.smooth(ctx.source, VideoFrames(ctx.decoded), result_folder=frames.folder)
@@ -588,37 +588,71 @@ def smooth(ctx: RunContext) -> None:
 
 
 def splits(ctx: RunContext) -> bool:
-    """Whether the smoother can be split across ranks exactly: FastBlend alone, in a mode where a frame depends only on its window.
+    """Whether the smoother chain can be split across ranks exactly (every chain the runner builds, in practice).
 
-    Then each rank smooths its share of the frames, reading the smoother's window of frames
-    more on each side (:meth:`FastBlendSmoother.smooth` with a span), and every frame is the
-    one a single process computes. Other chains (accurate mode, RIFE, processors after
-    FastBlend) run whole on rank 0 while the others wait.
+    A FastBlend in a mode where a frame depends only on the frames of its window (fast,
+    balanced, accurate) smooths each rank's share, reading its window of frames more on each
+    side (:meth:`FastBlendSmoother.smooth` with a span); the other processors (RIFE, Contrast,
+    Sharpness) are lazy sequences that compute a frame from its neighbours on demand, so each
+    rank asks only for its share. Either way every frame is the one a single process computes.
+    Anything else runs whole on rank 0 while the others wait.
     """
-    direct = ctx.smoother_stages.direct
-    return direct is not None and getattr(direct, "inference_mode", None) in getattr(direct, "SPAN_MODES", ())
+    processors = getattr(ctx.smoother, "processors", None)
+    if not processors:
+        return False
+    return all(p.inference_mode in p.SPAN_MODES for p in processors if _is_fastblend(p))
+
+
+def _is_fastblend(processor) -> bool:
+    return hasattr(processor, "SPAN_MODES") and hasattr(processor, "inference_mode")
 
 
 def smooth_frames(ctx: RunContext, decoded, result) -> None:
     """Smooth the ``decoded`` store into the ``result`` store on every rank (the in-loop smoother of a run on several processes)."""
     if splits(ctx):
-        _smooth_spans(ctx, ctx.smoother_stages.direct, decoded, result.folder)
+        smooth_across(ctx, decoded, result)
         return
     if ctx.cluster.rank == 0:
         _put_all(result, ctx.smoother(VideoFrames(decoded), original_frames=ctx.source))
     ctx.cluster.barrier("the smoother (on rank 0)")
 
 
-def _smooth_spans(ctx: RunContext, fastblend, style, result_folder: str) -> None:
-    """FastBlend over this rank's share of the frames: rank 0 checks the cache first and removes the partials after."""
+def smooth_across(ctx: RunContext, style, result, progress_each=None) -> None:
+    """The smoother chain over ``style``, each rank writing its share of frames into the ``result`` store (see :func:`splits`).
+
+    A FastBlend writes its spans into its cache (or straight into ``result`` when it ends the
+    chain) and the ranks meet before the next processor reads the frames around their share.
+    """
+    frames = style
+    processors = ctx.smoother.processors
+    for k, processor in enumerate(processors):
+        if _is_fastblend(processor):
+            frames = _smooth_spans(ctx, processor, frames, result.folder if k == len(processors) - 1 else None)
+        else:
+            frames = processor(frames, original_frames=ctx.source)
+    if not (processors and _is_fastblend(processors[-1])):
+        todo = _within(result.missing(), ctx.share)
+        with WriteBehind(result) as writer:
+            for i in (progress_each or (lambda items: items))(todo):
+                writer.put(i, frames[i])
+    ctx.cluster.barrier("the smoother")
+
+
+def _smooth_spans(ctx: RunContext, fastblend, style, result_folder: str | None):
+    """FastBlend over this rank's share of the frames: rank 0 checks the cache first and removes the partials after.
+
+    Returns the result frames (all of them, once every rank is through): ``result_folder``, or
+    FastBlend's own ``smoother/blended`` when it is None.
+    """
     cluster = ctx.cluster
     if cluster.rank == 0:
         fastblend.prepare(ctx.source, style, result_folder)
     cluster.barrier("the smoother's cache check")
-    fastblend.smooth(ctx.source, style, result_folder=result_folder, span=(ctx.share.start, ctx.share.stop))
+    result = fastblend.smooth(ctx.source, style, result_folder=result_folder, span=(ctx.share.start, ctx.share.stop))
     cluster.barrier("the smoother")
     if cluster.rank == 0:
         fastblend.release_partials(ctx.n, (ctx.width, ctx.height))
+    return result
 
 
 # ---------------------------------------------------------------------- small helpers

@@ -175,7 +175,7 @@ class FastBlendSmoother(VideoProcessor):
     SPAN_MODES = ("fast", "balanced", "accurate")
     """Modes in which a frame's result depends only on the frames of its window (and the seed): :meth:`smooth` takes a span."""
 
-    def prepare(self, guide, style, result_folder: str | os.PathLike) -> None:
+    def prepare(self, guide, style, result_folder: str | os.PathLike | None) -> None:
         """Check the cache folder's key against these inputs (emptying it when stale), before spans run (:meth:`smooth`)."""
         guide, style, n, size = open_inputs(guide, style)
         root, _ = self._root(n, size, result_folder)
