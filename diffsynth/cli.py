@@ -283,7 +283,8 @@ def format_stage_table(table: dict) -> str:
         lines.append(f"keys not checked: {table['key_problem']}")
     shares = table.get("distributed")
     if shares:
-        lines.append(f"last run on {shares['world_size']} processes ({shares['windows']} denoising windows per step):")
+        where = "" if shares.get("shared_folder", True) else "; output folders local to each machine, the final frames gathered in rank 0's"
+        lines.append(f"last run on {shares['world_size']} processes ({shares['windows']} denoising windows per step{where}):")
         for r in shares["ranks"]:
             first, stop = r["frames"]
             windows = f"windows {r['windows'][0]}-{r['windows'][1] - 1}" if r["windows"][1] > r["windows"][0] else "no windows"

@@ -142,6 +142,33 @@ def test_two_launchers_as_two_nodes_on_localhost(project, reference, tmp_path):
     _assert_same_render(out, reference)
 
 
+def _two_nodes(configs, outs, timeout=240, procs=(1, 1)):
+    """Torch's launcher twice, as two "nodes" on 127.0.0.1 (node ``R`` runs ``configs[R]`` into ``outs[R]``); their logs."""
+    port = _free_port()
+    nodes = [subprocess.Popen([*TORCHRUN, "--nnodes=2", f"--node-rank={rank}", f"--nproc-per-node={procs[rank]}",
+                               f"--rdzv-endpoint=127.0.0.1:{port}", "-m", "diffsynth", "run", configs[rank], "--output-folder", outs[rank]],
+                              env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    logs = [node.communicate(timeout=timeout)[0] for node in nodes]
+    return [node.returncode for node in nodes], logs
+
+
+def test_two_nodes_without_a_shared_folder_gather_the_render_in_rank_0s(project, reference, tmp_path):
+    """Each "node" renders into a folder of its own (node 0 with two processes in one folder, node 1 with one): rank 0's
+    folder ends with every frame and the video, identical; node 1's keeps only the frames around its share."""
+    outs = [str(tmp_path / "node0"), str(tmp_path / "node1")]
+    codes, logs = _two_nodes([project["path"]] * 2, outs, procs=(2, 1))
+    assert codes == [0, 0], logs
+    _assert_same_render(outs[0], reference)
+    record = json.load(open(os.path.join(outs[0], "manifest.json")))["distributed"]
+    assert record["shared_folder"] is False and record["world_size"] == 3
+    kept = sorted(os.listdir(os.path.join(outs[1], "frames")))
+    own = record["ranks"][2]["frames"]
+    assert kept == [f"{i:06d}.png" for i in range(*own)]  # its share only: the rest went to rank 0
+    assert not os.path.exists(os.path.join(outs[1], "video.mp4"))
+    assert len(os.listdir(os.path.join(outs[1], "source_images"))) < FRAMES  # its frames and their halo, not the whole video
+    assert "output folders local to each machine" in _ok(_diffsynth("status", outs[0])).stdout
+
+
 # ---------------------------------------------------------------------- faults and resume
 
 

@@ -92,7 +92,8 @@ class Cluster:
     timeout: float
     restart: int = 0
     members: list[Member] = field(default_factory=list)
-    shared_folder: bool = True
+    shared_folder: bool = True  # every rank writes into rank 0's output folder (else: folders local to each machine)
+    folder_leader: bool = True  # the lowest rank writing into this rank's folder: it alone deletes and cleans there
     _store: object = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _count: int = 0
@@ -289,6 +290,10 @@ class Cluster:
         self.bytes_sent += sent
         self.exchanged += sent
 
+    def any(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is true on some rank (a collective decision)."""
+        return flag if self.world == 1 else any(self.all_gather(bool(flag)))
+
     def _cpu_group(self):
         return None  # the default group: gloo, or cpu:gloo,cuda:nccl (CPU tensors go through gloo)
 
@@ -324,3 +329,41 @@ def window_owners(window_sizes: list[int], world: int) -> list[int]:
     for r, (first, stop) in enumerate(zip(starts, starts[1:] + [count])):
         owners += [r] * (stop - first)
     return owners
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Which frames a rank works on, from the frame count, the sliding windows and the world size alone.
+
+    ``owners[k]``: the rank of window ``k`` (:func:`window_owners`). A frame is *owned* by the
+    rank of the last window covering it (that rank writes its final latents, decodes and smooths
+    it when folders are local to each machine); ``cover(r)`` is every frame rank ``r``'s windows
+    touch (its boundary frames included).
+    """
+
+    n: int
+    starts: tuple[int, ...]  # first frame of each window
+    ends: tuple[int, ...]
+    owners: tuple[int, ...]
+
+    @classmethod
+    def of(cls, n: int, windows, world: int) -> "Layout":
+        owners = window_owners([w.end - w.start for w in windows], world)
+        return cls(n, tuple(w.start for w in windows), tuple(w.end for w in windows), tuple(owners))
+
+    def owner_of_frame(self, i: int) -> int:
+        last = max(k for k, start in enumerate(self.starts) if start <= i)
+        return self.owners[last]
+
+    def owned(self, rank: int) -> range:
+        frames = [i for i in range(self.n) if self.owner_of_frame(i) == rank]
+        return range(frames[0], frames[-1] + 1) if frames else range(0)
+
+    def cover(self, rank: int) -> range:
+        mine = [k for k, owner in enumerate(self.owners) if owner == rank]
+        return range(self.starts[mine[0]], self.ends[mine[-1]]) if mine else range(0)
+
+
+def rank_share(layout: Layout, rank: int, world: int, shared_folder: bool) -> range:
+    """A rank's frames in the per-frame stages: a balanced share in a shared folder, the frames it owns (:class:`Layout`) otherwise."""
+    return frame_share(layout.n, rank, world) if shared_folder else layout.owned(rank)

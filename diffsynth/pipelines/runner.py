@@ -55,7 +55,7 @@ from .preflight import PreflightError, check_config
 from .sd_video import SDVideoPipeline, VideoFrames
 from .stages import STAGE_TABLE, RunContext, SmootherStages, StageView, denoising_plan, reports_passes, writes_frames
 from ..cache.stores import other_writers
-from ..distributed import Cluster, ClusterError, frame_share, window_owners
+from ..distributed import Cluster, ClusterError, Layout, rank_share, window_owners
 from ..utils.atomic import is_temp_name
 from .sd_video import sliding_windows
 
@@ -322,7 +322,9 @@ class SDVideoPipelineRunner:
         keys = self._keys_everywhere(plan)
         try:  # these write too: a full disk here is reported like one inside a stage
             os.makedirs(out, exist_ok=True)
-            if cluster.rank == 0:
+            if cluster.world > 1:
+                self._detect_storage(out)
+            if cluster.folder_leader:  # one process per folder sets it up: rank 0, and on machines without a shared disk each machine's first
                 manifest = Manifest(out)
                 self._migrate_keys(manifest, plan, keys)
                 if data.get("clear_output_folder", False):
@@ -339,10 +341,12 @@ class SDVideoPipelineRunner:
         except OSError as exc:
             raise _io_error("setup", out, exc) from exc
         if cluster.world > 1:
-            self._check_shared_folder(out)
-            manifest = Manifest(out, writable=cluster.rank == 0)
+            cluster.barrier("the setup of the output folders")
+            manifest = Manifest(out, writable=cluster.folder_leader)
+            manifest.data = cluster.broadcast(manifest.data)  # rank 0's record decides, on every rank
         frames = image_store(os.path.join(out, "frames"), plan["num_frames"], size=(plan["width"], plan["height"]))
-        if manifest.is_done(9, keys[9]) and os.path.isfile(os.path.join(out, "video.mp4")) and frames.complete():
+        finished = manifest.is_done(9, keys[9]) and os.path.isfile(os.path.join(out, "video.mp4")) and frames.complete()
+        if cluster.broadcast(finished):  # rank 0's folder holds the render
             logger.info("%s is complete and up to date; nothing to do", out)
             if self.progress_callback is not None:
                 total = sum(self._stage_weights(plan).values())
@@ -407,25 +411,31 @@ class SDVideoPipelineRunner:
                                        "model files and input video (copy them unchanged to every machine)")
         return keys
 
-    def _check_shared_folder(self, out: str) -> None:
-        """Every rank must see rank 0's output folder (one machine, or a shared/network file system)."""
+    def _detect_storage(self, out: str) -> None:
+        """Which ranks write into one folder: all of them (a shared or network disk) or each machine its own.
+
+        Every rank leaves a marker in its output folder and looks for the others'. When every
+        rank sees rank 0's, the folder is shared; otherwise each group of ranks seeing one
+        folder works in it (folders local to each machine) and its lowest rank sets it up.
+        """
         cluster = self.cluster
         token = cluster.broadcast(os.urandom(8).hex() if cluster.rank == 0 else None)
-        marker = os.path.join(out, f".cluster_{token}")
-        if cluster.rank == 0:
-            atomic_write_text(marker, token)
+        marker = os.path.join(out, f".cluster_{token}_{cluster.rank}")
+        atomic_write_text(marker, token)
         cluster.barrier("the output folder check")
-        sees = cluster.all_gather(os.path.isfile(marker))
+        seen = [rank for rank in range(cluster.world) if os.path.isfile(os.path.join(out, f".cluster_{token}_{rank}"))]
+        groups = cluster.all_gather(seen)
         cluster.barrier("the output folder check")
-        if cluster.rank == 0:
-            os.remove(marker)
-        blind = [member for member, seen in zip(cluster.members, sees) if not seen]
-        if blind:
-            names = ", ".join(str(m) for m in blind)
-            raise ClusterError(f"{names} cannot see the output folder of {cluster.members[0]} ({out}): every process must write into "
-                               "one folder that all of them see (the same machine, or a shared or network file system mounted "
-                               "at the same path or given with --output-folder); folders local to each machine are not supported yet")
-        cluster.shared_folder = True
+        os.remove(marker)
+        for rank, group in enumerate(groups):
+            if any(groups[other] != group for other in group):
+                raise ClusterError(f"{cluster.members[rank]} sees the markers of ranks {group} in its output folder but they do not all see "
+                                   "the same: give every process an output folder that is either shared by all or its machine's own")
+        cluster.shared_folder = all(0 in group for group in groups)
+        cluster.folder_leader = min(groups[cluster.rank]) == cluster.rank
+        if not cluster.shared_folder and cluster.rank == 0:
+            logger.info("output folders are local to each machine (%d folders): the final frames are gathered in %s",
+                        len({tuple(g) for g in groups}), out)
 
     def _record_shares(self, manifest: Manifest, plan: dict) -> None:
         """The manifest's record of who did what: world size, and each rank's host, frames and denoising windows."""
@@ -433,13 +443,15 @@ class SDVideoPipelineRunner:
         inputs = plan["config"]["pipeline"]["pipeline_inputs"]
         windows = sliding_windows(n, inputs.get("animatediff_batch_size", 16), inputs.get("animatediff_stride", 8))
         owners = window_owners([w.end - w.start for w in windows], cluster.world)
+        layout = Layout.of(n, windows, cluster.world)
         ranks = []
         for member in cluster.members:
-            share = frame_share(n, member.rank, cluster.world)
+            share = rank_share(layout, member.rank, cluster.world, cluster.shared_folder)
             own = [k for k, r in enumerate(owners) if r == member.rank]
             ranks.append({"rank": member.rank, "host": member.host, "frames": [share.start, share.stop],
                           "windows": [own[0], own[-1] + 1] if own else [0, 0]})
-        manifest.data["distributed"] = {"world_size": cluster.world, "windows": len(windows), "ranks": ranks}
+        manifest.data["distributed"] = {"world_size": cluster.world, "windows": len(windows), "ranks": ranks,
+                                        "shared_folder": cluster.shared_folder}
         manifest.save()
 
     # ------------------------------------------------------------------ helpers

@@ -273,7 +273,8 @@ class SDVideoPipeline:
 
         return run(emb_posi), (run(emb_nega) if emb_nega is not None else None)
 
-    def denoise_step(self, step, src, dst, cond_stores, emb_posi, emb_nega, options, progress, x0_store=None, journal=None, cluster=None):
+    def denoise_step(self, step, src, dst, cond_stores, emb_posi, emb_nega, options, progress, x0_store=None, journal=None, cluster=None,
+                     frames: range | None = None):
         """One timestep over the frames missing from ``dst`` (or ``x0_store``), window by window.
 
         A frame's noise prediction is the running weighted mean (:class:`RunningMean`) of its
@@ -288,7 +289,9 @@ class SDVideoPipeline:
         all the predictions: each sends the others its own (only boundary frames' data crosses
         ranks, in one exchange per step), and every holder folds them in window order, so the
         mean is bit for bit one process's. In a shared folder the rank of the frame's last
-        window writes it. The caller meets the other ranks at a barrier after this returns.
+        window writes it; in a folder of its own (``frames``: the frames this rank's windows
+        cover, the only ones it looks for there) every rank holding a frame writes it. The caller
+        meets the other ranks at a barrier after this returns.
         """
         from ..distributed import Cluster, window_owners
 
@@ -297,6 +300,8 @@ class SDVideoPipeline:
         t_dev = t.to(self.device)
         target = x0_store if x0_store is not None else dst
         missing = target.missing()
+        if cluster.world > 1:  # what is missing anywhere, as every rank sees it: listed before any rank writes (a collective)
+            missing = sorted({i for found in cluster.all_gather([i for i in missing if frames is None or i in frames]) for i in found})
         if not missing:
             return
         windows = sliding_windows(len(src), options["animatediff_batch_size"], options["animatediff_stride"])
@@ -376,7 +381,8 @@ class SDVideoPipeline:
                     progress("denoise", window.end - window.start, None)
             cluster.barrier(f"the end of step {step + 1}'s windows")  # so the exchange never waits for a slow rank's windows
             if boundary:
-                received = self._exchange_boundary(cluster, boundary, held, holders, cover, owners, with_negative, src[0].shape)
+                shape = next(iter(held.values()))[0][1].shape  # a latent's (this rank's folder may hold none of frame 0)
+                received = self._exchange_boundary(cluster, boundary, held, holders, cover, owners, with_negative, shape)
                 for i in sorted(boundary):
                     mean_pos, mean_neg = RunningMean(), RunningMean()
                     for k, pos, neg in sorted(held[i] + received[i], key=lambda item: item[0]):  # window order, as one process
@@ -593,12 +599,16 @@ class SDVideoPipeline:
         atomic_write_text(path, json.dumps({"key": key}))
 
     def _smoothed_step(self, step, latents, nxt, cond_stores, emb_posi, emb_nega, options, progress, smoother, guide, root, shape,
-                       cluster=None, share: range | None = None, smooth=None):
+                       cluster=None, share: range | None = None, smooth=None, fetch=None, decode_share: range | None = None,
+                       cover: range | None = None):
         """x0 of every frame → decode → smoother → encode → ε that lands on the smoothed x0 → DDIM step (the original's loop).
 
         Several processes: the x0 pass is split as :meth:`denoise_step`, decode, encode and the
-        step by ``share`` (this rank's frames); ``smooth(decoded, smoothed)`` (from the runner)
-        smooths across the ranks; the ranks meet between the parts.
+        step by ``share`` (this rank's frames; the decode by ``decode_share``, its share plus the
+        smoother's halo when every rank has a folder of its own, whose missing x0 latents
+        ``fetch(store, frames)`` brings from their ranks; ``cover``: the frames its windows cover,
+        as :meth:`denoise_step`'s ``frames``); ``smooth(decoded, smoothed)`` (from the
+        runner) smooths across the ranks; the ranks meet between the parts.
         """
         from ..distributed import Cluster
 
@@ -607,10 +617,14 @@ class SDVideoPipeline:
         prefix = os.path.join("smoothed", f"step_{step:03d}")
         x0 = tensor_store(self._stores(root, os.path.join(prefix, "x0")), n, shape=shape, dtype=torch.float32)
         journal = None if root is None else WindowJournal(os.path.join(root, prefix, "x0_journal"))  # a kill loses at most one window here too
-        self.denoise_step(step, latents, None, cond_stores, emb_posi, emb_nega, options, progress, x0_store=x0, journal=journal, cluster=cluster)
+        decode_share = share if decode_share is None else decode_share
+        self.denoise_step(step, latents, None, cond_stores, emb_posi, emb_nega, options, progress, x0_store=x0, journal=journal, cluster=cluster,
+                          frames=cover)
         cluster.barrier(f"step {step + 1}: x0 of every frame")
+        if fetch is not None:
+            fetch(x0, decode_share)
         decoded = image_store(self._stores(root, os.path.join(prefix, "decoded")), n)
-        self.decode(x0, decoded, progress, frames=share)
+        self.decode(x0, decoded, progress, frames=decode_share)
         cluster.barrier(f"step {step + 1}: x0 decoded")
         smoothed = image_store(self._stores(root, os.path.join(prefix, "frames")), n)
         if not smoothed.complete():
@@ -627,7 +641,7 @@ class SDVideoPipeline:
                 eps = self.scheduler.return_to_timestep(t, latents[i], target[i])
                 writer.put(i, self.scheduler.step(eps, t, latents[i]))
         cluster.barrier(f"step {step + 1} stepped")
-        if cluster.rank == 0:
+        if cluster.folder_leader:
             for store in (x0, decoded, smoothed, target):
                 _remove_store(store)
             if journal is not None:

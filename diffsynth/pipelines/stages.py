@@ -27,7 +27,7 @@ from ..prompts import BeautifulPrompt
 from ..schedulers.ddim import ddim_timesteps
 from ..utils.atomic import atomic_save_safetensors, is_temp_name
 from ..utils.sizes import count_frame_files, path_bytes
-from ..distributed import Cluster, frame_share, window_owners
+from ..distributed import Cluster, ClusterError, Layout, rank_share
 from .sd_video import VideoFrames, WindowJournal, _put_all, _remove_store, _within, sliding_windows
 
 logger = logging.getLogger("diffsynth")
@@ -147,10 +147,10 @@ class SourceFrames(Stage):
     def run(self, ctx):
         ctx.progress.set_stage(0, self.name)
         source = ctx.source
-        if not ctx.manifest.is_done(0, ctx.keys[0]) or not source.complete():
+        if ctx.cluster.any(not ctx.manifest.is_done(0, ctx.keys[0]) or ctx.lacks(source, "source")):
             ctx.manifest.begin(0, ctx.keys[0])
             with WriteBehind(source) as writer:
-                for i, frame in Prefetcher(ctx.plan["source"], _within(source.missing(), ctx.share)):
+                for i, frame in Prefetcher(ctx.plan["source"], _within(source.missing(), ctx.work("source"))):
                     writer.put(i, frame)
                     ctx.progress.advance(1)
             ctx.sync("source frames")
@@ -176,7 +176,7 @@ class Annotations(Stage):
         if pipe.controlnet is not None:
             if not ctx.manifest.is_done(1, ctx.keys[1]):
                 ctx.manifest.begin(1, ctx.keys[1])
-            ctx.cond_stores = pipe.annotate(ctx.plan["controls"], ctx.n, ctx.width, ctx.height, ctx.out, ctx.progress, frames=ctx.share)
+            ctx.cond_stores = pipe.annotate(ctx.plan["controls"], ctx.n, ctx.width, ctx.height, ctx.out, ctx.progress, frames=ctx.work("latents"))
             ctx.sync("ControlNet annotations")
             ctx.manifest.finish(1, ctx.keys[1], bytes=sum(s.nbytes() for s in ctx.cond_stores))
         else:
@@ -237,16 +237,18 @@ class InitialLatents(Stage):
         pipe.scheduler.set_timesteps(inputs.get("num_inference_steps", 20), strength)
         ctx.num_steps = len(pipe.scheduler.timesteps)
         ctx.final_latents = tensor_store(os.path.join(ctx.out, "latents", f"step_{ctx.num_steps:03d}"), ctx.n)
-        ctx.need_denoise = not (manifest.is_done(4, keys[4]) and ctx.final_latents.complete())
+        ctx.need_denoise = ctx.cluster.any(not manifest.is_done(4, keys[4]) or ctx.lacks(ctx.final_latents, "latents"))
         if ctx.need_denoise:
             ctx.progress.set_stage(3, self.name)
-            ctx.current = current_generation(ctx.out, ctx.n, ctx.num_steps) if manifest.key_of(4) == keys[4] else 0
+            # the newest generation every rank has (of the frames it needs)
+            newest = current_generation(ctx.out, ctx.n, ctx.num_steps, ctx.needed("latents")) if manifest.key_of(4) == keys[4] else 0
+            ctx.current = min(ctx.cluster.all_gather(newest))
             if ctx.current == 0:
                 manifest.begin(3, keys[3])
                 generator = torch.Generator().manual_seed(int(ctx.config["pipeline"].get("seed", 0)))
                 input_frames = ctx.source if strength < 1.0 else None
                 ctx.latents = pipe.initial_latents(input_frames, ctx.n, ctx.width, ctx.height, strength, ctx.out, generator, ctx.progress,
-                                                   frames=ctx.share)
+                                                   frames=ctx.work("latents"))
                 ctx.sync("initial latents")
                 manifest.finish(3, keys[3], bytes=ctx.latents.nbytes())
             else:
@@ -290,9 +292,9 @@ class Denoising(Stage):
                        vram_limit_level=inputs.get("vram_limit_level", 0))
         smoother_ids = set(inputs.get("smoother_progress_ids", []))
         latents = ctx.latents
-        shape = latents[0].shape
+        shape = (4, ctx.height // 8, ctx.width // 8)  # a latent (read from no frame: a rank may keep only some)
         cluster = ctx.cluster
-        if cluster.rank == 0:
+        if cluster.folder_leader:
             for g in range(ctx.current):  # what a kill between two steps left: older generations, journals of finished steps
                 _remove_store(tensor_store(os.path.join(out, "latents", f"step_{g:03d}"), n))
                 WindowJournal(os.path.join(out, "latents", f"step_{g + 1:03d}_journal")).remove()
@@ -300,16 +302,20 @@ class Denoising(Stage):
         for step in range(ctx.current, ctx.num_steps):
             nxt = tensor_store(os.path.join(out, "latents", f"step_{step + 1:03d}"), n, shape=shape, dtype=torch.float32)
             journal = WindowJournal(os.path.join(out, "latents", f"step_{step + 1:03d}_journal"))
-            if not nxt.complete():
+            if cluster.any(ctx.lacks(nxt, "latents")):
                 if ctx.smoother is not None and step in smoother_ids:
-                    smooth_across = (lambda decoded, result: smooth_frames(ctx, decoded, result)) if cluster.world > 1 else None
+                    smooth = (lambda decoded, result: smooth_frames(ctx, decoded, result)) if cluster.world > 1 else None
+                    fetch = (lambda store, frames: ctx.fetch(store, frames, image=False)) if ctx.local else None
                     pipe._smoothed_step(step, latents, nxt, ctx.cond_stores, ctx.emb_posi, ctx.emb_nega, options, ctx.progress, ctx.smoother,
-                                        ctx.source, out, shape, cluster=cluster, share=ctx.share, smooth=smooth_across)
+                                        ctx.source, out, shape, cluster=cluster, share=ctx.share, smooth=smooth, fetch=fetch,
+                                        decode_share=ctx.work("decoded"), cover=ctx.needed("latents") if ctx.local else None)
                 else:
                     pipe.denoise_step(step, latents, nxt, ctx.cond_stores, ctx.emb_posi, ctx.emb_nega, options, ctx.progress, journal=journal,
-                                      cluster=cluster)
+                                      cluster=cluster, frames=ctx.needed("latents") if ctx.local else None)
+                if ctx.local:  # the next step's boundary frames that a neighbour stepped (after an in-loop smoothing)
+                    ctx.fetch(nxt, ctx.needed("latents"), image=False)
             ctx.sync(f"the end of step {step + 1}")  # every rank has written its frames of the step: the old generation can go
-            if cluster.rank == 0:
+            if cluster.folder_leader:
                 journal.remove()  # denoise_step removes it too (one process), unless a kill came between the step's last commit and that
                 _remove_store(latents)
             latents = nxt
@@ -331,10 +337,12 @@ class Decode(Stage):
         ctx.final_smoothing = ctx.smoother is not None and smooths_final_frames(ctx.inputs)  # as the original: only when asked for
         frames = ctx.frames
         ctx.decoded = image_store(os.path.join(ctx.out, "latents", "decoded"), ctx.n, size=(ctx.width, ctx.height)) if ctx.final_smoothing else frames
-        ctx.smoothed = ctx.final_smoothing and manifest.is_done(8, keys[8]) and frames.complete()
-        if not ctx.smoothed and not (manifest.is_done(5, keys[5]) and ctx.decoded.complete()):
+        ctx.smoothed = ctx.final_smoothing and manifest.is_done(8, keys[8]) and not ctx.cluster.any(ctx.lacks(frames, "frames"))
+        if not ctx.smoothed and ctx.cluster.any(not manifest.is_done(5, keys[5]) or ctx.lacks(ctx.decoded, "decoded")):
             manifest.begin(5, keys[5])
-            ctx.pipe.decode(ctx.final_latents, ctx.decoded, ctx.progress, frames=ctx.share)
+            if ctx.local:  # the smoother's halo beyond this rank's frames: their latents from the ranks that own them
+                ctx.fetch(ctx.final_latents, ctx.needed("decoded"), image=False)
+            ctx.pipe.decode(ctx.final_latents, ctx.decoded, ctx.progress, frames=ctx.work("decoded"))
             ctx.sync("VAE decode")
             manifest.finish(5, keys[5], bytes=ctx.decoded.nbytes())
         ctx.progress.finish_stage(5)
@@ -361,6 +369,9 @@ class SmootherLeft(Stage):
             if not ctx.smoothed:
                 if ctx.cluster.world == 1 or splits(ctx):
                     smooth(ctx)
+                elif ctx.local:
+                    raise ClusterError("this smoother chain cannot be split across processes, and without a shared folder no "
+                                       "process has every frame: render it with a shared output folder, or on one process")
                 else:  # a smoother that cannot be split runs on rank 0 while the others wait
                     if ctx.cluster.rank == 0:
                         smooth(ctx)
@@ -398,8 +409,10 @@ class SmootherOutput(Stage):
     def run(self, ctx):
         for sid in (6, 7, 8):
             ctx.progress.finish_stage(sid)
+        if ctx.local:  # rank 0's folder gets every final frame, a few at a time
+            ctx.fetch(ctx.frames, ctx.needed("frames"), image=True)
         ctx.sync("the smoother output")
-        if ctx.cluster.rank != 0:
+        if not ctx.cluster.folder_leader:
             return
         if ctx.final_smoothing and not ctx.keep:  # the smoothed frames are in frames/: the unsmoothed ones are no longer needed
             _remove_store(ctx.decoded)
@@ -444,8 +457,22 @@ class RunContext:
         self.inputs = self.config["pipeline"]["pipeline_inputs"]
         self.out = self.config["data"]["output_folder"]
         self.n, self.width, self.height = plan["num_frames"], plan["width"], plan["height"]
-        # this rank's frames in the per-frame stages (None: all, one process)
-        self.share = frame_share(self.n, self.cluster.rank, self.cluster.world) if self.cluster.world > 1 else None
+        # Several processes: this rank's frames (see distributed.Layout). In a shared folder it computes its share
+        # of each per-frame stage; with a folder of its own (local) it keeps every frame it reads: its windows'
+        # frames, and its share plus the smoother's halo for the decode and the smoothing.
+        cluster = self.cluster
+        windows = sliding_windows(self.n, self.inputs.get("animatediff_batch_size", 16), self.inputs.get("animatediff_stride", 8))
+        self.layout = Layout.of(self.n, windows, cluster.world)
+        self.local = cluster.world > 1 and not cluster.shared_folder
+        self.share = rank_share(self.layout, cluster.rank, cluster.world, cluster.shared_folder) if cluster.world > 1 else None
+        self._needed: dict[str, range] = {}
+        if self.local:
+            owned, cover = self.share, self.layout.cover(cluster.rank)
+            halo = smoother_halo(self.config.get("smoother_configs"))
+            decoded = range(max(owned.start - halo, 0), min(owned.stop + halo, self.n)) if owned else range(0)
+            reach = range(min(cover.start, decoded.start), max(cover.stop, decoded.stop)) if owned else range(0)
+            self._needed = {"source": reach, "latents": cover, "decoded": decoded,
+                            "frames": range(self.n) if cluster.rank == 0 else owned}
         self.keep = self.config["data"].get("keep_intermediates", False)
         self.source = image_store(os.path.join(self.out, "source_images"), self.n, size=(self.width, self.height))
         self.frames = image_store(os.path.join(self.out, "frames"), self.n, size=(self.width, self.height))
@@ -458,15 +485,39 @@ class RunContext:
         self.num_steps, self.current, self.need_denoise = 0, 0, False
         self.final_smoothing = self.smoothed = False
 
+    def needed(self, kind: str) -> range:
+        """The frames of ``kind`` (source, latents, decoded, frames) this rank must have in its folder: all, unless local."""
+        return self._needed.get(kind, range(self.n))
+
+    def work(self, kind: str) -> range | None:
+        """The frames of ``kind`` this rank computes: its share (shared folder), what it needs (local), all (None: one process)."""
+        if self.local:
+            return self.share if kind == "frames" else self.needed(kind)
+        return self.share
+
+    def lacks(self, store, kind: str) -> bool:
+        """Whether ``store`` lacks a frame this rank needs (every rank answers for its own folder)."""
+        needed = self.needed(kind)
+        return any(i in needed for i in store.missing())
+
+    def fetch(self, store, frames, image: bool) -> None:
+        """Folders local to each machine: copy into ``store`` the ``frames`` it lacks from the ranks that own them (collective)."""
+        from ..distributed.transfer import fill
+
+        shape = (self.height, self.width, 3) if image else (4, self.height // 8, self.width // 8)
+        fill(self.cluster, store, frames, self.layout.owner_of_frame, shape=shape, dtype=torch.uint8 if image else torch.float32, image=image)
+
     def sync(self, what: str) -> None:
         """Meet the other ranks (every one has finished ``what``), then take rank 0's manifest."""
         self.cluster.barrier(what)
         self.sync_manifest()
 
     def sync_manifest(self) -> None:
-        """Rank 0 writes the manifest; the others adopt its record (so every rank decides the same)."""
+        """Rank 0 writes the manifest; the others adopt its record (so every rank decides the same; another folder's first rank saves it there)."""
         if self.cluster.world > 1:
             self.manifest.data = self.cluster.broadcast(self.manifest.data)
+            if self.cluster.rank != 0:
+                self.manifest.save()  # a no-op unless this rank keeps a folder of its own
 
     def load_models(self):
         """The pipeline (and the smoother chain), loaded on first use: after stage 0, which needs none."""
@@ -476,13 +527,26 @@ class RunContext:
         return self.pipe
 
 
-def current_generation(out: str, n: int, num_steps: int) -> int:
-    """The newest complete latent generation on disk (0 if none)."""
+def current_generation(out: str, n: int, num_steps: int, frames: range | None = None) -> int:
+    """The newest latent generation on disk that holds every frame (of ``frames``), 0 if none."""
     for g in range(num_steps, -1, -1):
         folder = os.path.join(out, "latents", f"step_{g:03d}")
-        if os.path.isdir(folder) and tensor_store(folder, n).complete():
+        if os.path.isdir(folder) and not any(frames is None or i in frames for i in tensor_store(folder, n).missing()):
             return g
     return 0
+
+
+def smoother_halo(configs) -> int:
+    """Frames on each side of a share that the smoother chain reads: each FastBlend's window, one per RIFE pass."""
+    halo = 0
+    for entry in configs or []:
+        kind = entry.get("processor_type") if isinstance(entry, dict) else None
+        options = (entry.get("config") or {}) if isinstance(entry, dict) else {}
+        if kind == "FastBlend":
+            halo += int(options.get("window_size", 60))
+        elif kind == "RIFE":
+            halo += 1
+    return halo
 
 
 # ---------------------------------------------------------------------- the smoother's stages
@@ -627,7 +691,10 @@ def smooth_across(ctx: RunContext, style, result, progress_each=None) -> None:
     processors = ctx.smoother.processors
     for k, processor in enumerate(processors):
         if _is_fastblend(processor):
-            frames = _smooth_spans(ctx, processor, frames, result.folder if k == len(processors) - 1 else None)
+            last = k == len(processors) - 1
+            frames = _smooth_spans(ctx, processor, frames, result.folder if last else None)
+            if ctx.local and not last:  # the next processor reads the frames around this rank's share
+                ctx.fetch(frames._store, ctx.needed("decoded"), image=True)
         else:
             frames = processor(frames, original_frames=ctx.source)
     if not (processors and _is_fastblend(processors[-1])):
@@ -645,12 +712,14 @@ def _smooth_spans(ctx: RunContext, fastblend, style, result_folder: str | None):
     FastBlend's own ``smoother/blended`` when it is None.
     """
     cluster = ctx.cluster
-    if cluster.rank == 0:
+    if not ctx.local and cluster.rank == 0:
         fastblend.prepare(ctx.source, style, result_folder)
+    elif ctx.local and cluster.folder_leader:  # no process has every frame to check the cache's key: start it afresh
+        fastblend.release_partials(ctx.n, (ctx.width, ctx.height), everything=True)
     cluster.barrier("the smoother's cache check")
     result = fastblend.smooth(ctx.source, style, result_folder=result_folder, span=(ctx.share.start, ctx.share.stop))
     cluster.barrier("the smoother")
-    if cluster.rank == 0:
+    if cluster.folder_leader:
         fastblend.release_partials(ctx.n, (ctx.width, ctx.height))
     return result
 

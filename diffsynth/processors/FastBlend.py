@@ -41,7 +41,7 @@ from ..cache import Prefetcher, Store, as_store, image_store, tensor_store
 from ..utils.device import default_device
 from ..extensions.FastBlend.runners import (EngineSettings, StoreFrames, accurate_blend, balanced_blend, fast_blend,
                                             interpolate_keyframes)
-from ..extensions.FastBlend.runners.common import RunStats, frame_size, open_inputs, to_uint8_frame
+from ..extensions.FastBlend.runners.common import RunStats, first_present, frame_size, open_inputs, to_uint8_frame
 from ..utils.atomic import atomic_write_text
 from .base import VideoProcessor
 
@@ -182,21 +182,33 @@ class FastBlendSmoother(VideoProcessor):
         if root is not None:
             self._check_key(root, self._stores(root, n, size, result_folder), guide, style, None, n, size)
 
-    def release_partials(self, n: int, size: tuple[int, int]) -> None:
-        """After every span is done: delete fast mode's left partials (unless ``keep_partials``), as a whole call does."""
+    def release_partials(self, n: int, size: tuple[int, int], everything: bool = False) -> None:
+        """After every span is done: delete fast mode's left partials (unless ``keep_partials``), as a whole call does.
+
+        ``everything=True``: empty the cache folder (partials, cached results, key) whatever
+        ``keep_partials`` says, to start spans afresh where no process can check the key (it
+        reads every frame).
+        """
         root, _ = self._root(n, size, None) if self.cache_folder is not None else (None, None)
-        if root is not None and not self.keep_partials:
-            stores = self._stores(root, n, size, None)
-            if "left" in stores:
-                stores["left"].clear()
-            self._remove_old_right(root)
+        if root is None:
+            return
+        stores = self._stores(root, n, size, None)
+        if everything:
+            for store in stores.values():
+                store.clear()
+            key = os.path.join(root, "key.json")
+            if os.path.isfile(key):
+                os.remove(key)
+        elif not self.keep_partials and "left" in stores:
+            stores["left"].clear()
+        self._remove_old_right(root)
 
     # ------------------------------------------------------------------ internals
 
     def _run(self, guide: Store, style, keyframe_indices, result_folder=None, span=None) -> StoreFrames:
         interpolation = self.inference_mode == "interpolation"
         n = len(guide) if interpolation else len(style)
-        size = self._size(style, keyframe_indices) if interpolation else frame_size(style[0])
+        size = self._size(style, keyframe_indices) if interpolation else frame_size(style[first_present(style)])
         root, keepalive = self._root(n, size, result_folder)
         stores = self._stores(root, n, size, result_folder)
         if span is not None:

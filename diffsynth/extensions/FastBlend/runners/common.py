@@ -176,7 +176,8 @@ def open_inputs(guide: Any, style: Any) -> tuple[Store, Store, int, tuple[int, i
 
     ``n`` is the number of style frames; the guide must have at least that many (extra guide
     frames are ignored, as the pipeline passes its whole input video). The size is the first
-    style frame's; guide frames of another size are resized to it.
+    style frame's (the first one present: a process smoothing a span of a video may keep only
+    the frames around its span); guide frames of another size are resized to it.
     """
     style = as_store(style)
     n = len(style)
@@ -185,7 +186,12 @@ def open_inputs(guide: Any, style: Any) -> tuple[Store, Store, int, tuple[int, i
     guide = as_store(guide)
     if len(guide) < n:
         raise ValueError(f"FastBlend needs a guide frame for every style frame: {len(guide)} guide frames for {n} style frames")
-    return guide, style, n, frame_size(style[0])
+    return guide, style, n, frame_size(style[first_present(style)])
+
+
+def first_present(store: Store) -> int:
+    """The first index that ``store`` holds (0 when it holds none: reading it then says what is missing)."""
+    return next((i for i in range(len(store)) if i in store), 0)
 
 
 def check_output_store(store: Store, n: int, what: str) -> Store:
