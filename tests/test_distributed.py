@@ -133,20 +133,23 @@ def test_several_processes_render_the_single_process_frames_and_video(project, r
 
 def test_two_launchers_as_two_nodes_on_localhost(project, reference, tmp_path):
     """``torchrun --nnodes=2 --node-rank=R --rdzv-endpoint=HOST:PORT -m diffsynth run``, one launcher per "node", one shared folder."""
-    out, port = str(tmp_path / "out"), _free_port()
-    nodes = [subprocess.Popen([*TORCHRUN, "--nnodes=2", f"--node-rank={rank}", "--nproc-per-node=1", f"--rdzv-endpoint=127.0.0.1:{port}",
-                               "-m", "diffsynth", "run", project["path"], "--output-folder", out],
-                              env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
-    logs = [node.communicate(timeout=240)[0] for node in nodes]
-    assert [node.returncode for node in nodes] == [0, 0], logs
+    out = str(tmp_path / "out")
+    codes, logs = _two_nodes([project["path"]] * 2, [out, out])
+    assert codes == [0, 0], logs
     _assert_same_render(out, reference)
+    assert json.load(open(os.path.join(out, "manifest.json")))["distributed"]["shared_folder"] is True
 
 
-def _two_nodes(configs, outs, timeout=240, procs=(1, 1)):
-    """Torch's launcher twice, as two "nodes" on 127.0.0.1 (node ``R`` runs ``configs[R]`` into ``outs[R]``); their logs."""
+def _two_nodes(configs, outs, timeout=240, procs=(1, 1), workers=None):
+    """Torch's launcher twice, as two "nodes" on 127.0.0.1 (node ``R`` runs ``configs[R]`` into ``outs[R]``); their exit codes and logs.
+
+    ``workers[R]``: ``(module argv before the config, arguments after the output folder)``; default ``diffsynth run``.
+    """
     port = _free_port()
+    workers = workers or [(["-m", "diffsynth", "run"], [])] * 2
     nodes = [subprocess.Popen([*TORCHRUN, "--nnodes=2", f"--node-rank={rank}", f"--nproc-per-node={procs[rank]}",
-                               f"--rdzv-endpoint=127.0.0.1:{port}", "-m", "diffsynth", "run", configs[rank], "--output-folder", outs[rank]],
+                               f"--rdzv-endpoint=127.0.0.1:{port}", *workers[rank][0], configs[rank], "--output-folder", outs[rank],
+                               *workers[rank][1]],
                               env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
     logs = [node.communicate(timeout=timeout)[0] for node in nodes]
     return [node.returncode for node in nodes], logs
@@ -167,6 +170,18 @@ def test_two_nodes_without_a_shared_folder_gather_the_render_in_rank_0s(project,
     assert not os.path.exists(os.path.join(outs[1], "video.mp4"))
     assert len(os.listdir(os.path.join(outs[1], "source_images"))) < FRAMES  # its frames and their halo, not the whole video
     assert "output folders local to each machine" in _ok(_diffsynth("status", outs[0])).stdout
+
+
+def test_two_nodes_without_a_shared_folder_resume_after_one_dies(project, reference, tmp_path):
+    """Node 1's process is killed inside step 2; node 0's stops (its peer went silent); rerunning both continues: the same render."""
+    outs = [str(tmp_path / "node0"), str(tmp_path / "node1")]
+    workers = [(CHILD, ["--dist-timeout", "5"]), (CHILD, ["--dist-timeout", "5", "--kill-rank", "1", "--kill-after-unet", "7"])]
+    codes, logs = _two_nodes([project["path"]] * 2, outs, workers=workers)
+    assert codes[0] != 0 and codes[1] != 0, logs
+    assert os.path.isdir(os.path.join(outs[1], "latents", "step_002"))  # it died inside step 2
+    codes, logs = _two_nodes([project["path"]] * 2, outs)
+    assert codes == [0, 0], logs
+    _assert_same_render(outs[0], reference)
 
 
 # ---------------------------------------------------------------------- faults and resume
@@ -221,15 +236,11 @@ def test_a_missing_model_on_one_node_stops_every_rank_promptly_with_its_name(pro
     broken["models"]["model_list"][0] = missing
     broken_path = tmp_path / "node1.json"
     broken_path.write_text(json.dumps(broken))
-    out, port = str(tmp_path / "out"), _free_port()
+    out = str(tmp_path / "out")
     started = time.monotonic()
-    nodes = [subprocess.Popen([*TORCHRUN, "--nnodes=2", f"--node-rank={rank}", "--nproc-per-node=1", f"--rdzv-endpoint=127.0.0.1:{port}",
-                               "-m", "diffsynth", "run", config, "--output-folder", out],
-                              env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for rank, config in ((0, project["path"]), (1, str(broken_path)))]
-    logs = [node.communicate(timeout=120)[0] for node in nodes]
+    codes, logs = _two_nodes([project["path"], str(broken_path)], [out, out], timeout=120)
     assert time.monotonic() - started < 60
-    assert all(node.returncode != 0 for node in nodes), logs
+    assert all(code != 0 for code in codes), logs
     assert "gone.safetensors" in logs[1] and "rank 1" in logs[1]
     assert "rank 1" in logs[0] and "cannot start" in logs[0] and "gone.safetensors" in logs[0]
     assert not os.path.exists(os.path.join(out, "frames"))
