@@ -172,11 +172,12 @@ def test_two_nodes_without_a_shared_folder_gather_the_render_in_rank_0s(project,
     assert "output folders local to each machine" in _ok(_diffsynth("status", outs[0])).stdout
 
 
-def test_two_nodes_without_a_shared_folder_resume_after_one_dies(project, reference, tmp_path):
-    """Node 1's process is killed inside step 2; node 0's stops (its peer went silent); rerunning both continues: the same render."""
+def test_two_nodes_without_a_shared_folder_resume_with_fewer_processes_after_one_dies(project, reference, tmp_path):
+    """Node 1's process (rank 2 of 3) is killed inside step 2; node 0's two stop (their peer went silent). Rerun with one
+    process per node: the latents each now needs come from the folder that has them, and the render is the same."""
     outs = [str(tmp_path / "node0"), str(tmp_path / "node1")]
-    workers = [(CHILD, ["--dist-timeout", "5"]), (CHILD, ["--dist-timeout", "5", "--kill-rank", "1", "--kill-after-unet", "7"])]
-    codes, logs = _two_nodes([project["path"]] * 2, outs, workers=workers)
+    workers = [(CHILD, ["--dist-timeout", "5"]), (CHILD, ["--dist-timeout", "5", "--kill-rank", "2", "--kill-after-unet", "6"])]
+    codes, logs = _two_nodes([project["path"]] * 2, outs, procs=(2, 1), workers=workers)
     assert codes[0] != 0 and codes[1] != 0, logs
     assert os.path.isdir(os.path.join(outs[1], "latents", "step_002"))  # it died inside step 2
     codes, logs = _two_nodes([project["path"]] * 2, outs)

@@ -240,9 +240,13 @@ class InitialLatents(Stage):
         ctx.need_denoise = ctx.cluster.any(not manifest.is_done(4, keys[4]) or ctx.lacks(ctx.final_latents, "latents"))
         if ctx.need_denoise:
             ctx.progress.set_stage(3, self.name)
-            # the newest generation every rank has (of the frames it needs)
-            newest = current_generation(ctx.out, ctx.n, ctx.num_steps, ctx.needed("latents")) if manifest.key_of(4) == keys[4] else 0
-            ctx.current = min(ctx.cluster.all_gather(newest))
+            ctx.current = current_generation(ctx.out, ctx.n, ctx.num_steps) if manifest.key_of(4) == keys[4] else 0
+            if ctx.local and manifest.key_of(4) == keys[4]:  # the newest generation whose frames are all on some machine
+                from ..distributed.transfer import frames_present
+
+                folders = [os.path.join(ctx.out, "latents", f"step_{g:03d}") for g in range(ctx.num_steps + 1)]
+                present = [_held(folder, ctx.n) for folder in folders]
+                ctx.current = max((g for g, whole in enumerate(frames_present(ctx.cluster, present, ctx.n)) if whole), default=0)
             if ctx.current == 0:
                 manifest.begin(3, keys[3])
                 generator = torch.Generator().manual_seed(int(ctx.config["pipeline"].get("seed", 0)))
@@ -253,6 +257,8 @@ class InitialLatents(Stage):
                 manifest.finish(3, keys[3], bytes=ctx.latents.nbytes())
             else:
                 ctx.latents = tensor_store(os.path.join(ctx.out, "latents", f"step_{ctx.current:03d}"), ctx.n)
+                if ctx.local:  # this rank's frames of that generation, wherever the last run left them
+                    ctx.fetch(ctx.latents, ctx.needed("latents"), image=False)
                 manifest.finish(3, keys[3], note="consumed by denoising")
         elif not manifest.is_done(3, keys[3]):
             manifest.finish(3, keys[3], note="consumed by denoising")
@@ -501,11 +507,11 @@ class RunContext:
         return any(i in needed for i in store.missing())
 
     def fetch(self, store, frames, image: bool) -> None:
-        """Folders local to each machine: copy into ``store`` the ``frames`` it lacks from the ranks that own them (collective)."""
+        """Folders local to each machine: copy into ``store`` the ``frames`` it lacks from ranks that have them (collective)."""
         from ..distributed.transfer import fill
 
         shape = (self.height, self.width, 3) if image else (4, self.height // 8, self.width // 8)
-        fill(self.cluster, store, frames, self.layout.owner_of_frame, shape=shape, dtype=torch.uint8 if image else torch.float32, image=image)
+        fill(self.cluster, store, frames, shape=shape, dtype=torch.uint8 if image else torch.float32, image=image)
 
     def sync(self, what: str) -> None:
         """Meet the other ranks (every one has finished ``what``), then take rank 0's manifest."""
@@ -536,6 +542,14 @@ def current_generation(out: str, n: int, num_steps: int, frames: range | None = 
     return 0
 
 
+def _held(folder: str, n: int) -> list[int]:
+    """The frames a latent generation's folder holds (none when it does not exist: it is not created)."""
+    if not os.path.isdir(folder):
+        return []
+    missing = set(tensor_store(folder, n).missing())
+    return [i for i in range(n) if i not in missing]
+
+
 def smoother_halo(configs) -> int:
     """Frames on each side of a share that the smoother chain reads: each FastBlend's window, one per RIFE pass."""
     halo = 0
@@ -543,7 +557,7 @@ def smoother_halo(configs) -> int:
         kind = entry.get("processor_type") if isinstance(entry, dict) else None
         options = (entry.get("config") or {}) if isinstance(entry, dict) else {}
         if kind == "FastBlend":
-            halo += int(options.get("window_size", 60))
+            halo += int(options.get("window_size", 60))  # FastBlendSmoother's default window
         elif kind == "RIFE":
             halo += 1
     return halo
@@ -694,7 +708,7 @@ def smooth_across(ctx: RunContext, style, result, progress_each=None) -> None:
             last = k == len(processors) - 1
             frames = _smooth_spans(ctx, processor, frames, result.folder if last else None)
             if ctx.local and not last:  # the next processor reads the frames around this rank's share
-                ctx.fetch(frames._store, ctx.needed("decoded"), image=True)
+                ctx.fetch(frames.store, ctx.needed("decoded"), image=True)
         else:
             frames = processor(frames, original_frames=ctx.source)
     if not (processors and _is_fastblend(processors[-1])):
@@ -706,8 +720,11 @@ def smooth_across(ctx: RunContext, style, result, progress_each=None) -> None:
 
 
 def _smooth_spans(ctx: RunContext, fastblend, style, result_folder: str | None):
-    """FastBlend over this rank's share of the frames: rank 0 checks the cache first and removes the partials after.
+    """FastBlend over this rank's share of the frames; the partials are removed after.
 
+    Before, in a shared folder rank 0 checks the cache's key (emptying a stale cache); with
+    folders local to each machine, where no process has every frame to compute it, each
+    folder's first rank empties the cache instead (a resumed smoothing then starts afresh).
     Returns the result frames (all of them, once every rank is through): ``result_folder``, or
     FastBlend's own ``smoother/blended`` when it is None.
     """
