@@ -16,7 +16,11 @@ a random brightness gain and colour shift per frame (the flicker FastBlend remov
    the parent's peak over exec) of fast mode with a disk cache folder for N = 50 and 500 frames
    at a small size (32x32, minimum_patch_size 3, num_iter 2, window 4, batch 8), the result frames
    read back; prints RSS(500)/RSS(50) (target <= 1.05: memory independent of the clip length).
-3. With CUDA: frames/s per mode of the torch and the cupy engine backends at 512x512 (6 frames,
+4. Disk of fast mode in blocks (``block_frames``), side by side with one block: N frames (default
+   600, 32x32, window 4) with a disk cache folder, the cache and result folders' bytes sampled
+   during the run; prints the peak of the left partial results and of everything, per frame,
+   the remaps and seconds of both, and whether the frames are identical.
+5. With CUDA: frames/s per mode of the torch and the cupy engine backends at 512x512 (6 frames,
    window 2), each backend in its own subprocess after a warm-up at the same size, and the largest
    pixel difference between the two backends' results. Skipped with a message without CUDA;
    the cupy side is skipped with a message when cupy is not installed or sees no device.
@@ -24,6 +28,7 @@ a random brightness gain and colour shift per frame (the flicker FastBlend remov
 Usage: python bench/fastblend.py [--quick] [--size 512] [--frames 2] [--window 1] [--modes fast,balanced,accurate]
                                  [--rss-sizes 50,500] [--rss-size 32] [--rss-window 4] [--gpu-size 512] [--gpu-frames 6]
                                  [--gpu-window 2] [--gpu-rounds 1] [--cache-dir DIR] [--skip-speed] [--skip-rss] [--skip-gpu]
+                                 [--blocks-frames 600] [--blocks-size 32] [--blocks-window 4] [--skip-blocks]
 ``--quick`` shrinks everything (128x128 speed clip, N = 20 and 200, 256x256 on the GPU) for a smoke run.
 Default run: about 3 minutes on 2 idle CPU cores (most of it accurate mode), several times that when they are shared.
 ``--rss-size 64`` makes part 2 more sensitive to a per-frame leak (a frame weighs 4x more) at ~5x its time.
@@ -159,6 +164,40 @@ def child_rss(job: dict) -> dict:
             "remaps": stats.remaps, "peak_float_frames": stats.peak_float_frames, "peak_nodes": stats.peak_nodes}
 
 
+def child_blocks(job: dict) -> dict:
+    """Fast mode over one clip with ``block_frames`` = ``job["block"]`` (0: one block); peaks of the folders' bytes."""
+    guide = SyntheticClip(job["frames"], job["size"], "guide")
+    style = SyntheticClip(job["frames"], job["size"], "style")
+    cache, result = os.path.join(job["cache"], "smoother"), os.path.join(job["cache"], "frames")
+    peaks = {"left": 0, "all": 0}
+    events = [0]
+
+    def folder_bytes(folder: str) -> int:
+        total = 0
+        for entry in os.scandir(folder) if os.path.isdir(folder) else ():
+            try:
+                total += entry.stat().st_size
+            except FileNotFoundError:
+                continue  # a temporary file renamed (or a partial released) since the listing
+        return total
+
+    def sample(event) -> None:
+        events[0] += 1
+        if events[0] % 5:
+            return
+        left = folder_bytes(os.path.join(cache, "left"))
+        peaks["left"] = max(peaks["left"], left)
+        peaks["all"] = max(peaks["all"], left + folder_bytes(result))
+
+    smoother = _smoother(job, "fast", cache_folder=job["cache"], block_frames=job["block"], progress_callback=sample)
+    start = time.perf_counter()
+    out = smoother.smooth(guide, style, result_folder=result)
+    seconds = time.perf_counter() - start
+    digest = __import__("hashlib").sha256(b"".join(np.asarray(frame).tobytes() for frame in out)).hexdigest()
+    return {"seconds": seconds, "remaps": smoother.last_stats.remaps, "peak_left": peaks["left"], "peak_all": peaks["all"],
+            "digest": digest, "block": smoother.block_frames}
+
+
 def run_child(kind: str, job: dict) -> dict:
     out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", kind, json.dumps(job)],
                          capture_output=True, text=True)
@@ -208,14 +247,32 @@ def bench_rss(args, tmp: str) -> None:
           f"pre-run RSS {growth[sizes[0]] / 1024:.1f} MiB vs {growth[sizes[-1]] / 1024:.1f} MiB")
 
 
+def bench_blocks(args, tmp: str) -> None:
+    n = args.blocks_frames
+    print(f"4. Disk of fast mode in blocks vs one block, {n} frames of {args.blocks_size}x{args.blocks_size}, window_size "
+          f"{args.blocks_window}, minimum_patch_size 3, num_iter 2, disk cache, each in a fresh subprocess:", flush=True)
+    runs = {}
+    for label, block in (("one block", 0), ("blocks", None)):
+        job = dict(frames=n, size=args.blocks_size, window=args.blocks_window, batch_size=8, patch=3, iters=2, device="cpu",
+                   cache=os.path.join(tmp, f"blocks_{label.replace(' ', '_')}"), block=block)
+        r = runs[label] = run_child("blocks", job)
+        print(f"   {label:9s} (block_frames {r['block'] or n}): left partials peak {r['peak_left'] / n / 1024:6.2f} KiB/frame, "
+              f"left partials + result frames peak {r['peak_all'] / n / 1024:6.2f} KiB/frame, {r['remaps']} remaps, {r['seconds']:.1f} s",
+              flush=True)
+    one, blocks = runs["one block"], runs["blocks"]
+    print(f"   blocks / one block: left partials peak {blocks['peak_left'] / one['peak_left']:.3f}, remaps "
+          f"{blocks['remaps'] / one['remaps']:.3f}, time {blocks['seconds'] / one['seconds']:.3f}; identical frames: "
+          f"{blocks['digest'] == one['digest']}")
+
+
 def bench_gpu(args, tmp: str) -> None:
     import torch
 
     if args.gpu_device.startswith("cuda") and not torch.cuda.is_available():
-        print("3. torch vs cupy backends on a GPU: skipped (CUDA is not available on this machine)")
+        print("5. torch vs cupy backends on a GPU: skipped (CUDA is not available on this machine)")
         return
     name = torch.cuda.get_device_name(0) if args.gpu_device.startswith("cuda") else args.gpu_device
-    print(f"3. Engine backends on {name}, {args.gpu_size}x{args.gpu_size}, {args.gpu_frames} frames, "
+    print(f"5. Engine backends on {name}, {args.gpu_size}x{args.gpu_size}, {args.gpu_frames} frames, "
           f"window_size {args.gpu_window}, default engine settings, warm-up at the same size, best of {args.gpu_rounds}:", flush=True)
     base = dict(frames=args.gpu_frames, size=args.gpu_size, window=args.gpu_window, batch_size=8, patch=5, iters=5,
                 device=args.gpu_device, modes=list(MODES), warmup_size=args.gpu_size)
@@ -253,7 +310,7 @@ def bench_gpu(args, tmp: str) -> None:
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         kind, job = sys.argv[2], json.loads(sys.argv[3])
-        result = {"speed": child_speed, "rss": child_rss}[kind](job)
+        result = {"speed": child_speed, "rss": child_rss, "blocks": child_blocks}[kind](job)
         print(json.dumps(result))
         return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -274,6 +331,10 @@ def main() -> None:
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--skip-rss", action="store_true")
     ap.add_argument("--skip-gpu", action="store_true")
+    ap.add_argument("--blocks-frames", type=int, default=600, help="frames of part 4 (default 600; --quick 300)")
+    ap.add_argument("--blocks-size", type=int, default=32)
+    ap.add_argument("--blocks-window", type=int, default=4)
+    ap.add_argument("--skip-blocks", action="store_true")
     args = ap.parse_args()
     args.size = args.size or (128 if args.quick else 512)
     args.gpu_size = args.gpu_size or (256 if args.quick else 512)
@@ -288,6 +349,10 @@ def main() -> None:
             bench_speed(args)
         if not args.skip_rss:
             bench_rss(args, tmp)
+        if not args.skip_blocks:
+            if args.quick:
+                args.blocks_frames = min(args.blocks_frames, 300)
+            bench_blocks(args, tmp)
         if not args.skip_gpu:
             bench_gpu(args, tmp)
     print(f"Total {time.perf_counter() - start:.0f} s")

@@ -827,3 +827,27 @@ def test_released_left_partials_shrink_as_frames_merge_and_a_rerun_recomputes_no
     assert not any(i in fresh["left"] for i in range(n))
     for a, b in zip(frames_of(reference["out"]), frames_of(fresh["out"])):
         np.testing.assert_array_equal(a, b)
+
+
+def test_fast_mode_in_blocks_keeps_at_most_a_block_of_partials_and_gives_the_same_frames(tmp_path):
+    """``block_frames``: the left partial results on disk never exceed a block, and the frames equal one whole pass."""
+    from diffsynth.processors.FastBlend import FastBlendSmoother
+
+    n, w = 30, 2
+    guide, style = random_frames(n, seed=60), random_frames(n, seed=61)
+    whole = FastBlendSmoother(window_size=w, batch_size=4, matcher_factory=noisy_factory, seed=3, block_frames=0,
+                              cache_folder=str(tmp_path / "whole"))
+    expected = as_arrays(list(whole(style, original_frames=guide)))
+    left = tmp_path / "blocks" / "smoother" / "left"
+    most = [0]
+
+    def count(event):
+        most[0] = max(most[0], len(os.listdir(left)) if left.is_dir() else 0)
+
+    blocks = FastBlendSmoother(window_size=w, batch_size=4, matcher_factory=noisy_factory, seed=3, block_frames=8,
+                               cache_folder=str(tmp_path / "blocks"), progress_callback=count)
+    assert np.array_equal(as_arrays(list(blocks(style, original_frames=guide))), expected)
+    assert 0 < most[0] <= 8  # whole: up to 30 partials at once
+    assert FastBlendSmoother(window_size=60).block_frames == 480 and FastBlendSmoother(window_size=3).block_frames == 256
+    with pytest.raises(ValueError, match="block_frames must be >= 0"):
+        FastBlendSmoother(block_frames=-1)

@@ -115,6 +115,11 @@ class _Progress:
             self._count(self.stage_id, n)
         self._emit()
 
+    def advance_in(self, stage_id: int, n: int) -> None:
+        """``n`` units of stage ``stage_id`` finished, current or not (FastBlend's passes alternate by block); always emits."""
+        self._count(stage_id, n)
+        self._emit()
+
     def finish_stage(self, stage_id: int) -> None:
         """Top the stage up to its weight (a resumed or skipped stage); emits only if that changed the count."""
         if self._count(stage_id, self.weights[stage_id]):

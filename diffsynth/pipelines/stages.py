@@ -571,7 +571,9 @@ class SmootherStages:
 
     Installed as the ``progress_callback`` of the chain's first fast-mode FastBlend. Its
     events count only while :meth:`activate` is in effect (the final smoothing); inside
-    the denoising loop the same smoother's work belongs to stage 4.
+    the denoising loop the same smoother's work belongs to stage 4. FastBlend works through a
+    long video in blocks (``block_frames``): stage 7 begins with the first block's right pass,
+    and the later blocks' left passes still count as stage 6's work.
     """
 
     def __init__(self):
@@ -606,14 +608,15 @@ class SmootherStages:
 
     def __call__(self, event: ProgressEvent) -> None:
         stage_id = _FASTBLEND_STAGES.get(event.stage)
-        if self.target is None or stage_id is None or (self.current is not None and stage_id < self.current):
+        if self.target is None or stage_id is None:
             return
-        self.enter(stage_id)
+        if self.current is None or stage_id > self.current:
+            self.enter(stage_id)
         if event.done == 0:
             self.counted[stage_id] = 0  # a pass announces itself with done=0
             return
-        progress = self.target[2]
-        progress.advance(event.done - self.counted.get(stage_id, 0))
+        progress = self.target[2]  # a later block's left pass counts into stage 6 while stage 7 is the current one
+        progress.advance_in(stage_id, event.done - self.counted.get(stage_id, 0))
         self.counted[stage_id] = event.done
 
 

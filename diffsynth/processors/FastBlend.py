@@ -76,7 +76,11 @@ class FastBlendSmoother(VideoProcessor):
     ``partial_dtype`` (fast mode's partial files, float16 by default, see
     :mod:`...runners.fast`), ``keep_partials``, ``in_memory`` (``None``: decide by size),
     ``frame_cache`` (decoded uint8 frames kept per input; default: a window's worth),
-    ``matcher_factory`` (another engine, e.g. a stand-in in tests), ``progress_bar_cmd``
+    ``matcher_factory`` (another engine, e.g. a stand-in in tests), ``block_frames`` (fast
+    mode works through the video in blocks of this many frames, each block's left pass then its
+    merging right pass, so at most a block's left partial results are stored: default
+    ``max(8 * window_size, 256)``, a few percent more patch matches for the window of frames
+    each block reads on each side, the same frames; 0: one block), ``progress_bar_cmd``
     (e.g. ``tqdm``) and ``progress_callback`` (``ProgressEvent``s).
     """
 
@@ -87,7 +91,7 @@ class FastBlendSmoother(VideoProcessor):
                  guide_weight: float = 10.0, initialize: str = "identity", tracking_window_size: int = 0,
                  device: str | torch.device | None = None, cache_folder: str | os.PathLike | None = None, seed: int = 0,
                  *, backend: str = "auto", partial_dtype: torch.dtype = torch.float16, keep_partials: bool = False,
-                 in_memory: bool | None = None, frame_cache: int | None = None, matcher_factory=None,
+                 in_memory: bool | None = None, frame_cache: int | None = None, matcher_factory=None, block_frames: int | None = None,
                  progress_bar_cmd=None, progress_callback=None):
         if inference_mode not in INFERENCE_MODES:
             raise ValueError(f"unknown inference_mode {inference_mode!r}; valid modes: {', '.join(INFERENCE_MODES)}")
@@ -109,6 +113,9 @@ class FastBlendSmoother(VideoProcessor):
         self.seed = int(seed)
         self.partial_dtype = partial_dtype
         self.keep_partials = keep_partials
+        if block_frames is not None and block_frames < 0:
+            raise ValueError(f"block_frames must be >= 0 (0: the whole video in one block), got {block_frames}")
+        self.block_frames = max(8 * window_size, 256) if block_frames is None else block_frames
         self.in_memory = in_memory
         self.frame_cache = frame_cache
         self.matcher_factory = matcher_factory
@@ -237,8 +244,14 @@ class FastBlendSmoother(VideoProcessor):
                       progress_bar_cmd=self.progress_bar_cmd, progress_callback=self.progress_callback, stats=stats)
         mode = self.inference_mode
         if mode == "fast":
-            fast_blend(guide, style, stores["result"], window_size=self.window_size, left=stores["left"],
-                       partial_dtype=self.partial_dtype, keep_left=self.keep_partials, span=span, **common)
+            # In blocks: each block's left pass, then its right pass merging and releasing its partials, so at most a
+            # block's left partial results are on disk (each block reads a window of frames more on each side: a few
+            # percent more patch matches, the same frames).
+            first, stop = span if span is not None else (0, len(stores["result"]))
+            block = self.block_frames if self.block_frames and not self.keep_partials else max(stop - first, 1)
+            for start in range(first, stop, block):
+                fast_blend(guide, style, stores["result"], window_size=self.window_size, left=stores["left"],
+                           partial_dtype=self.partial_dtype, keep_left=self.keep_partials, span=(start, min(start + block, stop)), **common)
         elif mode == "balanced":
             balanced_blend(guide, style, stores["result"], window_size=self.window_size, span=span, **common)
         elif mode == "accurate":
