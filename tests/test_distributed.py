@@ -205,7 +205,8 @@ def _windows_left(out) -> int:
     windows = sliding_windows(FRAMES, 4, 2)
     done = {int(name[:6]) for name in os.listdir(os.path.join(out, "latents", "step_002")) if name.endswith(".npy")}
     journal = os.path.join(out, "latents", "step_002_journal")
-    committed = {int(name[len("contrib_"):-len(".safetensors")]) for name in os.listdir(journal)} if os.path.isdir(journal) else set()
+    names = os.listdir(journal) if os.path.isdir(journal) else []  # a kill may leave a temporary file too: not a commit
+    committed = {int(name[len("contrib_"):-len(".safetensors")]) for name in names if name.startswith("contrib_") and name.endswith(".safetensors")}
     needed = {k for k, w in enumerate(windows) if any(i not in done for i in range(w.start, w.end))}
     return len(needed - committed)
 
