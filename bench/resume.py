@@ -96,7 +96,7 @@ def resume_cost(frames: int) -> None:
             print(f"{name:<42} {calls1 + calls2:>10} {extra:>6} {extra / WINDOW_CALLS:>8.1f} {s1 + s2:>8.2f} {(s1 + s2) / ref_seconds:>6.2f}x")
 
 
-def cache_bytes(frames: int, width: int = 1280, height: int = 768) -> None:
+def cache_bytes(frames: int, width: int = 1280, height: int = 768, fastblend_block: int | None = None) -> None:
     import torch
 
     from diffsynth.cache.stores import DiskStore
@@ -108,6 +108,8 @@ def cache_bytes(frames: int, width: int = 1280, height: int = 768) -> None:
         from diffsynth.testing.runner_files import write_tiny_project
 
         config = write_tiny_project(tmp, frames=frames, size=64, smoother=True, steps=1)
+        if fastblend_block is not None:  # FastBlend's blocks (the default block is longer than this clip)
+            config["smoother_configs"][0]["config"]["block_frames"] = fastblend_block
         # one frame per UNet/ControlNet call keeps this process near 1 GiB at 1280x768 (shared machines)
         config["pipeline"]["pipeline_inputs"].update(animatediff_batch_size=4, animatediff_stride=2, unet_batch_size=1, controlnet_batch_size=1)
         # the clip is 64x64; the runner crops and resizes it to 1280x768 as it reads it
@@ -170,12 +172,13 @@ def main() -> None:
     p.add_argument("--disk-frames", type=int, default=6)
     p.add_argument("--skip-resume", action="store_true")
     p.add_argument("--skip-disk", action="store_true")
+    p.add_argument("--fastblend-block", type=int, default=None, help="FastBlend's block_frames in the disk run (default: its own)")
     args = p.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     if not args.skip_resume:
         resume_cost(args.frames)
     if not args.skip_disk:
-        cache_bytes(args.disk_frames)
+        cache_bytes(args.disk_frames, fastblend_block=args.fastblend_block)
 
 
 if __name__ == "__main__":

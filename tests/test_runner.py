@@ -164,6 +164,13 @@ def test_only_an_in_loop_smoother_is_part_of_the_denoising_key(smooth_project, t
     assert _keys(config)[4] != _keys(changed)[4]  # smoothed inside the loop at step 0: it is
 
 
+def test_where_and_in_what_blocks_fastblend_stores_its_files_key_nothing(smooth_project, tmp_path):
+    config = _with_out(smooth_project, tmp_path / "out")
+    changed = copy.deepcopy(config)
+    changed["smoother_configs"][0]["config"].update(block_frames=2, cache_folder=str(tmp_path / "elsewhere"))
+    assert _keys(config) == _keys(changed)  # the same frames: nothing to recompute
+
+
 def test_changing_a_final_smoother_parameter_reuses_the_denoising(smooth_project, tmp_path):
     out = tmp_path / "out"
     first_runner = _CountingRunner()

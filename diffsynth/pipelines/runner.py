@@ -159,13 +159,15 @@ def _weights_identity(folder: str) -> dict | None:
 
 
 def _smoother_for_key(configs) -> list | None:
-    """``smoother_configs`` as far as they change results: FastBlend's ``cache_folder`` says only where files go."""
+    """``smoother_configs`` as far as they change results: FastBlend's ``cache_folder`` says only where files go, its
+    ``block_frames`` only how much is stored at once."""
     if not configs:
         return None
     entries = copy.deepcopy(list(configs))
     for entry in entries:
         if isinstance(entry, dict) and isinstance(entry.get("config"), dict):
             entry["config"].pop("cache_folder", None)
+            entry["config"].pop("block_frames", None)
     return entries
 
 
