@@ -292,3 +292,24 @@ def test_a_smoother_chain_with_rife_and_contrast_splits_exactly(project, tmp_pat
     _ok(_diffsynth("run", str(path), "--output-folder", two, "--nproc-per-node", "2"))
     assert _frames(two) == _frames(one)
     assert np.array_equal(_video(two), _video(one))
+
+
+def test_only_the_boundary_frames_predictions_cross_ranks_once_per_step(project, reference, tmp_path):
+    """Bytes each rank sent in the denoising exchanges: exactly the boundary frames' predictions, one exchange per pass
+    (the in-loop smoother's x0 pass and step 2), ε+ and ε− of each holder's windows to every other holder."""
+    out, logs = str(tmp_path / "out"), str(tmp_path / "logs")
+    _ok(_run([*TORCHRUN, "--standalone", "--nproc-per-node=2", *CHILD, project["path"], "--output-folder", out, "--log-dir", logs]))
+    assert _frames(out) == reference["frames"]
+    windows = sliding_windows(FRAMES, 4, 2)
+    owners = window_owners([w.end - w.start for w in windows], 2)
+    latent_bytes = 4 * 8 * 8 * 4  # a 64x64 frame's latent, float32
+    sent = [0, 0]
+    for i in range(FRAMES):
+        covering = [k for k, w in enumerate(windows) if w.start <= i < w.end]
+        holders = {owners[k] for k in covering}
+        if len(holders) > 1:
+            for k in covering:
+                sent[owners[k]] += 2 * latent_bytes  # to the one other holder
+    assert sum(sent) > 0 and sent[0] < FRAMES * 2 * latent_bytes  # a boundary, not the video
+    measured = [json.load(open(os.path.join(logs, f"times.rank{r}.attempt0.json")))["bytes_exchanged"] for r in (0, 1)]
+    assert measured == [2 * s for s in sent]  # two denoising passes
