@@ -54,3 +54,82 @@ def test_invalidating_a_stage_deletes_every_file_it_owns(smoother, final, tmp_pa
         deleted = {name for later in STAGE_TABLE if later.id >= stage.id for name in later.deletes}
         for path in stage.files(view):
             assert path.split("/")[0] in deleted, (stage.id, path)
+
+
+# ---------------------------------------------------------------------- counts of work
+
+
+class _WorkCounter:
+    """Counts what a real render calls: model forwards (hooks), FastBlend's patch matches, files the stages write."""
+
+    def __init__(self):
+        self.counts: dict[str, int] = {}
+
+    def add(self, kind: str, n: int = 1) -> None:
+        self.counts[kind] = self.counts.get(kind, 0) + n
+
+    def runner(self):
+        from diffsynth.pipelines.runner import SDVideoPipelineRunner
+
+        counter = self
+
+        class CountingRunner(SDVideoPipelineRunner):
+            def _load_pipeline(self, config):
+                pipe, model_manager = super()._load_pipeline(config)
+
+                def frames(kind):
+                    def hook(module, args, output):  # returns None: the output stays as it is
+                        counter.add(f"{kind} calls")
+                        counter.add(f"{kind} frames", args[0].shape[0])
+                    return hook
+
+                pipe.unet.register_forward_hook(frames("UNet"))
+                for unit in pipe.controlnet.units:
+                    unit.model.register_forward_hook(frames("ControlNet"))
+                pipe.vae_decoder_fp32.register_forward_hook(lambda module, args, output: counter.add("VAE decodes", args[0].shape[0]))
+                pipe.vae_encoder.register_forward_hook(lambda module, args, output: counter.add("VAE encodes", args[0].shape[0]))
+                pipe.text_encoder.register_forward_hook(lambda *args: counter.add("text encoder calls"))
+                return pipe, model_manager
+
+            @staticmethod
+            def _load_smoother(config, model_manager, stages):
+                chain, owns = SDVideoPipelineRunner._load_smoother(config, model_manager, stages)
+                for processor in chain.processors:
+                    dispatch = processor._dispatch
+
+                    def counted(guide, style, keyframe_indices, stores, stats, span=None, dispatch=dispatch):
+                        dispatch(guide, style, keyframe_indices, stores, stats, span)
+                        counter.add("FastBlend remaps", stats.remaps)
+
+                    processor._dispatch = counted
+                return chain, owns
+
+        return CountingRunner(progress_bar_cmd=None)
+
+
+def test_the_tables_counts_of_work_are_what_a_render_calls(tmp_path):
+    """UNet/ControlNet calls and frames, VAE encodes and decodes, text encoder calls, FastBlend's patch matches (inside the loop
+    and on the final frames, in blocks), annotated, source and encoded frames: the table's counts, summed over the stages."""
+    import os
+
+    from diffsynth.data import VideoData
+    from diffsynth.pipelines.stages import STAGE_TABLE, StageView
+    from diffsynth.pipelines.workload import merged
+    from diffsynth.testing.runner_files import write_tiny_project
+
+    config = write_tiny_project(str(tmp_path / "project"), frames=11, smoother=True, steps=2)
+    config["pipeline"]["pipeline_inputs"].update(animatediff_batch_size=4, animatediff_stride=2, controlnet_batch_size=3,
+                                                 smoother_progress_ids=[0, -1])
+    config["smoother_configs"][0]["config"]["block_frames"] = 4  # fast mode in blocks: their halos are counted too
+    out = str(tmp_path / "out")
+    config["data"]["output_folder"] = out
+    counter = _WorkCounter()
+    counter.runner().run(config)
+    view = StageView(config, 11, out)
+    predicted = merged(*(stage.work(view) for stage in STAGE_TABLE))
+    files = lambda folder: len(os.listdir(os.path.join(out, folder)))  # noqa: E731
+    measured = merged(counter.counts, {"annotator frames (tile)": files("controlnet_caches/0"), "annotator frames (canny)": files("controlnet_caches/1"),
+                                       "source frames": files("source_images"),
+                                       "frames encoded": len(VideoData(video_file=os.path.join(out, "video.mp4")))})
+    assert predicted == measured
+    assert predicted["ControlNet calls"] > predicted["UNet calls"] * 2  # windows of 4 frames in chunks of 3: two calls per unit

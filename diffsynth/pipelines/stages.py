@@ -29,6 +29,7 @@ from ..utils.atomic import atomic_save_safetensors, is_temp_name
 from ..utils.sizes import count_frame_files, path_bytes
 from ..distributed import Cluster, ClusterError, Layout, rank_share
 from .sd_video import VideoFrames, WindowJournal, _put_all, _remove_store, _within, sliding_windows
+from .workload import denoise_pass, merged, smoother_work
 
 logger = logging.getLogger("diffsynth")
 
@@ -119,6 +120,10 @@ class Stage:
         """Work units of the whole stage: frames (annotations: frames × units; denoising: frames × windows × steps)."""
         return view.n
 
+    def work(self, view: StageView) -> dict[str, int]:
+        """What the stage calls for a whole render from nothing, by kind (``workload``): the counts behind time estimates."""
+        return {}
+
     def partial_units(self, view: StageView, manifest: Manifest) -> int:
         """Units committed on disk by an unfinished run under the current key (0 where a partial result counts nothing)."""
         return 0
@@ -140,6 +145,9 @@ class SourceFrames(Stage):
 
     def files(self, view):
         return ["source_images"]
+
+    def work(self, view):
+        return {"source frames": view.n}
 
     def partial_units(self, view, manifest):
         return count_frame_files(view.path("source_images"))
@@ -167,6 +175,10 @@ class Annotations(Stage):
     def weight(self, view):
         return view.n * view.units
 
+    def work(self, view):
+        units = (view.config.get("models") or {}).get("controlnet_units") or []
+        return merged(*({f"annotator frames ({unit.get('processor_id')})": view.n} for unit in units))
+
     def partial_units(self, view, manifest):
         return sum(count_frame_files(view.path(os.path.join("controlnet_caches", str(k)))) for k in range(view.units))
 
@@ -190,6 +202,9 @@ class PromptEmbeddings(Stage):
 
     def files(self, view):
         return ["prompt"]
+
+    def work(self, view):
+        return {"text encoder calls": 2}  # the positive and the negative prompt, always
 
     def run(self, ctx):
         pipe, inputs = ctx.load_models(), ctx.inputs
@@ -230,6 +245,9 @@ class InitialLatents(Stage):
 
     def files(self, view):
         return ["latents/step_000"]
+
+    def work(self, view):
+        return {"VAE encodes": view.n} if view.inputs.get("denoising_strength", 1.0) < 1.0 else {"noise frames": view.n}
 
     def run(self, ctx):
         pipe, inputs, manifest, keys = ctx.load_models(), ctx.inputs, ctx.manifest, ctx.keys
@@ -277,6 +295,16 @@ class Denoising(Stage):
 
     def weight(self, view):
         return view.denoise["steps"] * view.denoise["window_frames"]
+
+    def work(self, view):
+        """Every step's pass over the windows; a step smoothed inside the loop adds decode, smoother and encode of every frame."""
+        steps, in_loop = view.denoise["steps"], len(view.denoise["in_loop"]) if view.smoother else 0
+        one = denoise_pass(view.inputs, view.n, view.units)
+        chain = merged(*smoother_work(view.config.get("smoother_configs"), view.n))
+        passes = [key for key in chain if key.startswith("FastBlend remaps (")]  # both passes run inside the step
+        chain = merged({key: value for key, value in chain.items() if key not in passes}, {"FastBlend remaps": sum(chain[k] for k in passes)})
+        smoothing = merged(chain, {"VAE decodes": view.n, "VAE encodes": view.n})
+        return merged(*([one] * steps), *([smoothing] * in_loop))
 
     def partial_units(self, view, manifest):
         steps_done = manifest.data["stages"]["4"].get("steps_done", 0)
@@ -337,6 +365,9 @@ class Decode(Stage):
     def files(self, view):
         return ["latents/decoded" if view.final_smoothing else "frames"]
 
+    def work(self, view):
+        return {"VAE decodes": view.n}
+
     def run(self, ctx):
         manifest, keys = ctx.manifest, ctx.keys
         ctx.progress.set_stage(5, self.name)
@@ -354,6 +385,23 @@ class Decode(Stage):
         ctx.progress.finish_stage(5)
 
 
+def _final_smoother_work(view: StageView) -> dict[int, dict[str, int]]:
+    """Stages 6-8's work when the final frames are smoothed: the reporting FastBlend's passes in 6 and 7, the rest in 8."""
+    if not view.final_smoothing:
+        return {}
+    configs = view.config.get("smoother_configs") or []
+    by_stage: dict[int, dict[str, int]] = {6: {}, 7: {}, 8: {}}
+    reported = False
+    for entry, work in zip(configs, smoother_work(configs, view.n)):
+        if not reported and reports_passes(entry):
+            reported = True
+            by_stage[6] = {"FastBlend remaps": work.get("FastBlend remaps (left pass)", 0)}
+            by_stage[7] = {"FastBlend remaps": work.get("FastBlend remaps (right pass)", 0)}
+        else:
+            by_stage[8] = merged(by_stage[8], work)
+    return by_stage
+
+
 def pass_folders(direct: bool) -> dict[int, str]:
     """Where stages 6-7's files are, relative to the output folder (the right pass's are the merged frames)."""
     return {6: "smoother/left", 7: "frames" if direct else "smoother/blended"}
@@ -366,6 +414,10 @@ class SmootherLeft(Stage):
 
     def files(self, view):
         return [pass_folders(view.direct)[6]]
+
+    def work(self, view):
+        """The chain's first fast-mode FastBlend's left pass (stage 7 its right pass; stage 8 everything else)."""
+        return _final_smoother_work(view).get(6, {})
 
     def partial_units(self, view, manifest):
         return count_frame_files(view.path(pass_folders(view.direct)[self.id]))
@@ -396,6 +448,9 @@ class SmootherRight(SmootherLeft):
     def files(self, view):
         return [pass_folders(view.direct)[7]] if view.passes and view.final_smoothing else []
 
+    def work(self, view):
+        return _final_smoother_work(view).get(7, {})
+
     def run(self, ctx):
         """Ran inside stage 6's smoother call."""
 
@@ -411,6 +466,9 @@ class SmootherOutput(Stage):
         other = [f"smoother/{d}" for d in (sorted(os.listdir(smoother)) if os.path.isdir(smoother) else [])
                  if d not in own and os.path.isdir(os.path.join(smoother, d))]
         return other + (["frames"] if view.final_smoothing and not (view.direct and view.passes) else [])
+
+    def work(self, view):
+        return _final_smoother_work(view).get(8, {})
 
     def run(self, ctx):
         for sid in (6, 7, 8):
@@ -431,6 +489,9 @@ class VideoEncode(Stage):
 
     def files(self, view):
         return ["video.mp4"]
+
+    def work(self, view):
+        return {"frames encoded": view.n}
 
     def run(self, ctx):
         if ctx.cluster.rank != 0:  # the video is encoded once, by rank 0
