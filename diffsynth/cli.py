@@ -10,7 +10,7 @@ from collections import Counter
 import torch
 
 from .cache.previous import PREVIOUS_FOLDER
-from .utils.sizes import count_frame_files, human_bytes, path_bytes
+from .utils.sizes import count_frame_files, human_bytes, human_seconds, path_bytes
 
 
 def _parse_dtype(name: str | None) -> torch.dtype | None:
@@ -265,7 +265,8 @@ def stage_table(out: str, config: dict | None = None, check_keys: bool = True, c
         note = record.get("skipped") or record.get("note") or ""
         if status == "done" and not size and not note and folders[sid]:
             note = "consumed by denoising" if sid == 3 else "files deleted once used"
-        rows.append({"id": sid, "name": name, "status": status, "frames": frames_done(sid, record), "bytes": size, "key": key, "note": note})
+        rows.append({"id": sid, "name": name, "status": status, "frames": frames_done(sid, record), "bytes": size, "key": key, "note": note,
+                     "seconds": record.get("seconds")})
     previous = os.path.join(out, PREVIOUS_FOLDER)
     kept = [os.path.join(previous, d) for d in sorted(os.listdir(previous)) if not d.startswith(".")] if os.path.isdir(previous) else []
     return {"out": out, "frames": n, "rows": rows, "last_done": manifest.last_done(), "key_problem": key_problem, "total_bytes": path_bytes(out),
@@ -275,10 +276,12 @@ def stage_table(out: str, config: dict | None = None, check_keys: bool = True, c
 def format_stage_table(table: dict) -> str:
     lines = [f"{table['out']}: {table['frames'] if table['frames'] is not None else '?'} frames, "
              f"last finished stage {table['last_done']} (last_process_id.txt), {human_bytes(table['total_bytes'])} on disk"]
-    header = f"{'id':>2}  {'stage':<24} {'status':<8} {'frames':<26} {'disk':>10}  {'key':<6} note"
+    header = f"{'id':>2}  {'stage':<24} {'status':<8} {'frames':<26} {'disk':>10}  {'time':>12}  {'key':<6} note"
     lines += [header, "-" * len(header)]
     for r in table["rows"]:
-        lines.append(f"{r['id']:>2}  {r['name']:<24} {r['status']:<8} {r['frames']:<26} {human_bytes(r['bytes']):>10}  {r['key']:<6} {r['note']}".rstrip())
+        spent = human_seconds(r["seconds"]) if r.get("seconds") is not None else "-"
+        lines.append(f"{r['id']:>2}  {r['name']:<24} {r['status']:<8} {r['frames']:<26} {human_bytes(r['bytes']):>10}  {spent:>12}  {r['key']:<6} "
+                     f"{r['note']}".rstrip())
     if table["key_problem"]:
         lines.append(f"keys not checked: {table['key_problem']}")
     shares = table.get("distributed")

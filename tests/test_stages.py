@@ -133,3 +133,28 @@ def test_the_tables_counts_of_work_are_what_a_render_calls(tmp_path):
                                        "frames encoded": len(VideoData(video_file=os.path.join(out, "video.mp4")))})
     assert predicted == measured
     assert predicted["ControlNet calls"] > predicted["UNet calls"] * 2  # windows of 4 frames in chunks of 3: two calls per unit
+
+
+def test_the_manifest_records_the_seconds_spent_on_each_stage_across_runs(tmp_path):
+    import time
+
+    from diffsynth.cache.manifest import Manifest
+    from diffsynth.cli import format_stage_table, stage_table
+
+    manifest = Manifest(str(tmp_path))
+    manifest.begin(4, "k")
+    time.sleep(0.05)
+    manifest.update(4, steps_done=1)  # a killed run's time counts up to its last save
+    first = Manifest(str(tmp_path)).data["stages"]["4"]["seconds"]
+    assert first >= 0.05
+    resumed = Manifest(str(tmp_path))  # another process continues the stage
+    resumed.begin(4, "k")
+    time.sleep(0.05)
+    resumed.finish(4, "k")
+    resumed.finish(3, "k", note="consumed by denoising")  # finished without work in this process: no time
+    record = Manifest(str(tmp_path)).data["stages"]
+    assert record["4"]["seconds"] >= first + 0.05 and "seconds" not in record["3"]
+    manifest.begin(4, "other key")  # a new key starts the count afresh
+    assert "seconds" not in manifest.data["stages"]["4"]
+    text = format_stage_table(stage_table(str(tmp_path), check_keys=False))
+    assert " time " in text.splitlines()[1]

@@ -45,6 +45,7 @@ class Manifest:
         """``writable=False``: a copy that never writes (ranks other than 0 of a run on several processes)."""
         self.folder = folder
         self.writable = writable
+        self._began: dict[int, float] = {}  # stage -> when this process began it (monotonic): its seconds at finish
         self.path = os.path.join(folder, "manifest.json")
         # identity: how the keys identify files (cache/identity.py); manifests without it are migrated by the runner.
         self.data: dict[str, Any] = {"schema": SCHEMA_VERSION, "identity": IDENTITY_VERSION, "stages": {}}
@@ -69,18 +70,34 @@ class Manifest:
         if record.get("key") != key:
             record.clear()
             record.update(name=STAGE_NAMES[stage_id], status="pending")
+            self._began.pop(stage_id, None)  # the time spent under the old key is not this result's
         record.update(key=key, status="running" if record.get("status") != "done" else "done")
+        self._began.setdefault(stage_id, time.monotonic())
         self.save()
 
     def finish(self, stage_id: int, key: str, **info: Any) -> None:
+        """Mark the stage done (its ``seconds``: the wall time spent on it, summed over the runs that worked on it)."""
         record = self.stage(stage_id)
+        self._tick(stage_id, record)
+        self._began.pop(stage_id, None)
         record.update(key=key, status="done", finished=time.strftime("%Y-%m-%dT%H:%M:%S"), **info)
         self.save()
         self.write_last_process_id()
 
     def update(self, stage_id: int, **info: Any) -> None:
-        self.stage(stage_id).update(**info)
+        record = self.stage(stage_id)
+        self._tick(stage_id, record)
+        record.update(**info)
         self.save()
+
+    def _tick(self, stage_id: int, record: dict) -> None:
+        """Add the time since this process began the stage (or since the last tick) to its ``seconds``: a killed run's
+        time counts up to its last save."""
+        began = self._began.get(stage_id)
+        if began is not None:
+            now = time.monotonic()
+            record["seconds"] = round(record.get("seconds", 0.0) + now - began, 3)
+            self._began[stage_id] = now
 
     def invalidate_from(self, stage_id: int) -> None:
         """Forget ``stage_id`` and every later stage (their keys changed)."""

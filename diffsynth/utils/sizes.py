@@ -26,3 +26,12 @@ def count_frame_files(folder: str) -> int:
     if not os.path.isdir(folder):
         return 0
     return sum(1 for name in os.listdir(folder) if name.split(".")[0].isdigit() and not name.startswith("."))
+
+
+def human_seconds(seconds: float) -> str:
+    """``12.3 s``, ``4 min 05 s``, ``3 h 02 min``."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    if seconds < 3600:
+        return f"{int(seconds // 60)} min {int(seconds % 60):02d} s"
+    return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min"
