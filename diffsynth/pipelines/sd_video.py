@@ -27,13 +27,13 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import torch
 from PIL import Image
 from tqdm import tqdm
 
-from ..cache import MissingItem, Prefetcher, StoreFrames, WriteBehind, as_store, image_store, tensor_store
+from ..cache import Prefetcher, StoreFrames, WriteBehind, as_store, image_store, tensor_store
 from ..controlnets import ControlNetConfigUnit, MultiControlNetManager
 from ..models.model_manager import ModelManager
 from ..progress import ProgressCallback, ProgressEvent, wrap_progress_bar
