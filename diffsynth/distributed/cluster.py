@@ -25,7 +25,7 @@ import datetime
 import logging
 import os
 import pickle
-import socket
+import platform
 import threading
 import time
 from dataclasses import dataclass, field
@@ -144,7 +144,7 @@ class Cluster:
         cluster = cls(rank=rank, world=world, local_rank=local_rank, local_world=local_world, backend=backend, timeout=timeout, restart=restart)
         cluster._store = store
         cluster._start_heartbeat()
-        me = Member(cluster.rank, socket.gethostname(), os.getpid(), local_rank)
+        me = Member(cluster.rank, platform.node(), os.getpid(), local_rank)
         cluster.members = cluster.all_gather(me)
         return cluster
 
@@ -152,7 +152,7 @@ class Cluster:
     def solo(cls) -> "Cluster":
         """A world of one process: every wait returns at once, every gather is this rank's value."""
         return cls(rank=0, world=1, local_rank=0, local_world=1, backend="none", timeout=DEFAULT_TIMEOUT,
-                   members=[Member(0, socket.gethostname(), os.getpid(), 0)])
+                   members=[Member(0, platform.node(), os.getpid(), 0)])
 
     def close(self) -> None:
         """Stop the heartbeat and leave the process group."""
