@@ -24,7 +24,6 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-import pickle
 import platform
 import threading
 import time
@@ -98,8 +97,7 @@ class Cluster:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _count: int = 0
     _stop: threading.Event = field(default_factory=threading.Event)
-    bytes_sent: int = 0  # by broadcast and exchange (what bench/distributed.py reports)
-    exchanged: int = 0  # by exchange alone: the denoising's boundary predictions
+    exchanged: int = 0  # bytes this rank sent in exchanges: the denoising's boundary predictions (and frames without a shared disk)
     waited: float = 0.0  # seconds spent at barriers
 
     # ------------------------------------------------------------------ setup
@@ -255,9 +253,7 @@ class Cluster:
         import torch.distributed as dist
 
         box = [value if self.rank == src else None]
-        dist.broadcast_object_list(box, src=src, group=self._cpu_group())
-        if self.rank == src:
-            self.bytes_sent += len(pickle.dumps(value)) * (self.world - 1)
+        dist.broadcast_object_list(box, src=src)
         return box[0]
 
     def all_gather(self, value) -> list:
@@ -267,7 +263,7 @@ class Cluster:
         import torch.distributed as dist
 
         gathered = [None] * self.world
-        dist.all_gather_object(gathered, value, group=self._cpu_group())
+        dist.all_gather_object(gathered, value)
         return gathered
 
     def exchange(self, sends: dict[int, torch.Tensor], receives: dict[int, torch.Tensor]) -> None:
@@ -276,8 +272,9 @@ class Cluster:
             return
         import torch.distributed as dist
 
-        ops = [dist.P2POp(dist.isend, tensor.contiguous(), peer, group=self._cpu_group()) for peer, tensor in sorted(sends.items())]
-        ops += [dist.P2POp(dist.irecv, tensor, peer, group=self._cpu_group()) for peer, tensor in sorted(receives.items())]
+        # CPU tensors: they go through gloo, also in the cpu:gloo,cuda:nccl group of a CUDA run
+        ops = [dist.P2POp(dist.isend, tensor.contiguous(), peer) for peer, tensor in sorted(sends.items())]
+        ops += [dist.P2POp(dist.irecv, tensor, peer) for peer, tensor in sorted(receives.items())]
         if ops:
             try:
                 for work in dist.batch_isend_irecv(ops):
@@ -286,16 +283,12 @@ class Cluster:
                 peers = ", ".join(str(self.members[p]) for p in sorted(set(sends) | set(receives)))
                 raise ClusterError(f"the exchange with {peers} failed ({exc}): that process stopped or the network between "
                                    "the machines broke. Rerun the same command to continue") from exc
-        sent = sum(t.numel() * t.element_size() for t in sends.values())
-        self.bytes_sent += sent
-        self.exchanged += sent
+        self.exchanged += sum(t.numel() * t.element_size() for t in sends.values())
 
     def any(self, flag: bool) -> bool:
         """True on every rank when ``flag`` is true on some rank (a collective decision)."""
         return flag if self.world == 1 else any(self.all_gather(bool(flag)))
 
-    def _cpu_group(self):
-        return None  # the default group: gloo, or cpu:gloo,cuda:nccl (CPU tensors go through gloo)
 
 
 # ---------------------------------------------------------------------- who does what
@@ -345,18 +338,20 @@ class Layout:
     starts: tuple[int, ...]  # first frame of each window
     ends: tuple[int, ...]
     owners: tuple[int, ...]
+    frame_owners: tuple[int, ...]  # the owner of each frame
 
     @classmethod
     def of(cls, n: int, windows, world: int) -> "Layout":
         owners = window_owners([w.end - w.start for w in windows], world)
-        return cls(n, tuple(w.start for w in windows), tuple(w.end for w in windows), tuple(owners))
-
-    def owner_of_frame(self, i: int) -> int:
-        last = max(k for k, start in enumerate(self.starts) if start <= i)
-        return self.owners[last]
+        frame_owners, k = [], 0
+        for i in range(n):  # windows start in order: the last one starting at or before i covers i
+            while k + 1 < len(windows) and windows[k + 1].start <= i:
+                k += 1
+            frame_owners.append(owners[k])
+        return cls(n, tuple(w.start for w in windows), tuple(w.end for w in windows), tuple(owners), tuple(frame_owners))
 
     def owned(self, rank: int) -> range:
-        frames = [i for i in range(self.n) if self.owner_of_frame(i) == rank]
+        frames = [i for i, owner in enumerate(self.frame_owners) if owner == rank]
         return range(frames[0], frames[-1] + 1) if frames else range(0)
 
     def cover(self, rank: int) -> range:

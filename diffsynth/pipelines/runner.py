@@ -41,23 +41,21 @@ import torch
 from tqdm import tqdm
 
 from ..cache import image_store
+from ..cache.stores import other_writers
 from ..cache.identity import IDENTITY_VERSION, content_identity, legacy_identity, save_fingerprints
 from ..cache.manifest import STAGES, Manifest, stable_hash
 from ..cache.previous import PREVIOUS_FOLDER, keep_previous
 from ..controlnets import ControlNetConfigUnit
+from ..distributed import Cluster, ClusterError, Layout, rank_share
 from ..models.model_manager import ModelManager
 from ..progress import ProgressCallback, ProgressEvent
 from ..prompts.prompt_models import prompt_model_component
-from ..utils.atomic import DiskFullError, atomic_write_text
+from ..utils.atomic import DiskFullError, atomic_write_text, is_temp_name
 from ..utils.sizes import count_frame_files, human_bytes, path_bytes
 from .config_paths import resolve_config_paths
 from .preflight import PreflightError, check_config
-from .sd_video import SDVideoPipeline, VideoFrames
+from .sd_video import SDVideoPipeline, VideoFrames, sliding_windows
 from .stages import STAGE_TABLE, RunContext, SmootherStages, StageView, denoising_plan, reports_passes, writes_frames
-from ..cache.stores import other_writers
-from ..distributed import Cluster, ClusterError, Layout, rank_share, window_owners
-from ..utils.atomic import is_temp_name
-from .sd_video import sliding_windows
 
 logger = logging.getLogger("diffsynth")
 
@@ -449,12 +447,11 @@ class SDVideoPipelineRunner:
         cluster, n = self.cluster, plan["num_frames"]
         inputs = plan["config"]["pipeline"]["pipeline_inputs"]
         windows = sliding_windows(n, inputs.get("animatediff_batch_size", 16), inputs.get("animatediff_stride", 8))
-        owners = window_owners([w.end - w.start for w in windows], cluster.world)
         layout = Layout.of(n, windows, cluster.world)
         ranks = []
         for member in cluster.members:
             share = rank_share(layout, member.rank, cluster.world, cluster.shared_folder)
-            own = [k for k, r in enumerate(owners) if r == member.rank]
+            own = [k for k, r in enumerate(layout.owners) if r == member.rank]
             ranks.append({"rank": member.rank, "host": member.host, "frames": [share.start, share.stop],
                           "windows": [own[0], own[-1] + 1] if own else [0, 0]})
         manifest.data["distributed"] = {"world_size": cluster.world, "windows": len(windows), "ranks": ranks,

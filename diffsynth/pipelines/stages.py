@@ -29,6 +29,7 @@ from ..utils.atomic import atomic_save_safetensors, is_temp_name
 from ..utils.sizes import count_frame_files, path_bytes
 from ..distributed import Cluster, ClusterError, Layout, rank_share
 from .sd_video import VideoFrames, WindowJournal, _put_all, _remove_store, _within, sliding_windows
+from ..processors.FastBlend import DEFAULT_WINDOW_SIZE
 from .workload import denoise_pass, merged, smoother_work
 
 logger = logging.getLogger("diffsynth")
@@ -258,13 +259,15 @@ class InitialLatents(Stage):
         ctx.need_denoise = ctx.cluster.any(not manifest.is_done(4, keys[4]) or ctx.lacks(ctx.final_latents, "latents"))
         if ctx.need_denoise:
             ctx.progress.set_stage(3, self.name)
-            ctx.current = current_generation(ctx.out, ctx.n, ctx.num_steps) if manifest.key_of(4) == keys[4] else 0
-            if ctx.local and manifest.key_of(4) == keys[4]:  # the newest generation whose frames are all on some machine
+            if manifest.key_of(4) != keys[4]:
+                ctx.current = 0
+            elif ctx.local:  # the newest generation whose frames are all on some machine
                 from ..distributed.transfer import frames_present
 
-                folders = [os.path.join(ctx.out, "latents", f"step_{g:03d}") for g in range(ctx.num_steps + 1)]
-                present = [_held(folder, ctx.n) for folder in folders]
+                present = [_held(ctx.out, g, ctx.n) for g in range(ctx.num_steps + 1)]
                 ctx.current = max((g for g, whole in enumerate(frames_present(ctx.cluster, present, ctx.n)) if whole), default=0)
+            else:
+                ctx.current = current_generation(ctx.out, ctx.n, ctx.num_steps)
             if ctx.current == 0:
                 manifest.begin(3, keys[3])
                 generator = torch.Generator().manual_seed(int(ctx.config["pipeline"].get("seed", 0)))
@@ -594,17 +597,14 @@ class RunContext:
         return self.pipe
 
 
-def current_generation(out: str, n: int, num_steps: int, frames: range | None = None) -> int:
-    """The newest latent generation on disk that holds every frame (of ``frames``), 0 if none."""
-    for g in range(num_steps, -1, -1):
-        folder = os.path.join(out, "latents", f"step_{g:03d}")
-        if os.path.isdir(folder) and not any(frames is None or i in frames for i in tensor_store(folder, n).missing()):
-            return g
-    return 0
+def current_generation(out: str, n: int, num_steps: int) -> int:
+    """The newest complete latent generation on disk (0 if none)."""
+    return next((g for g in range(num_steps, -1, -1) if len(_held(out, g, n)) == n), 0)
 
 
-def _held(folder: str, n: int) -> list[int]:
-    """The frames a latent generation's folder holds (none when it does not exist: it is not created)."""
+def _held(out: str, generation: int, n: int) -> list[int]:
+    """The frames latent generation ``generation`` holds on disk (none when its folder does not exist: it is not created)."""
+    folder = os.path.join(out, "latents", f"step_{generation:03d}")
     if not os.path.isdir(folder):
         return []
     missing = set(tensor_store(folder, n).missing())
@@ -618,7 +618,7 @@ def smoother_halo(configs) -> int:
         kind = entry.get("processor_type") if isinstance(entry, dict) else None
         options = (entry.get("config") or {}) if isinstance(entry, dict) else {}
         if kind == "FastBlend":
-            halo += int(options.get("window_size", 60))  # FastBlendSmoother's default window
+            halo += int(options.get("window_size", DEFAULT_WINDOW_SIZE))
         elif kind == "RIFE":
             halo += 1
     return halo

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from ..extensions.FastBlend.runners.fast import _RIGHT_ORIGIN
 from ..extensions.FastBlend.runners.fenwick import TableBatch, WindowBatch, fast_pass_plan
+from ..processors.FastBlend import DEFAULT_WINDOW_SIZE, default_block_frames
 from .sd_video import sliding_windows
 
 
@@ -50,12 +51,12 @@ def smoother_work(configs, n: int) -> list[dict[str, int]]:
         kind = entry.get("processor_type") if isinstance(entry, dict) else None
         options = (entry.get("config") or {}) if isinstance(entry, dict) else {}
         if kind == "FastBlend":
-            w, batch = int(options.get("window_size", 60)), int(options.get("batch_size", 8))
+            w, batch = int(options.get("window_size", DEFAULT_WINDOW_SIZE)), int(options.get("batch_size", 8))
             mode = options.get("inference_mode", "fast")
             span = [min(t + w, n - 1) - max(t - w, 0) + 1 for t in range(n)]  # frames of each target's window
             if mode == "fast":
                 block = options.get("block_frames")
-                left, right = fastblend_passes(n, w, batch, max(8 * w, 256) if block is None else int(block))
+                left, right = fastblend_passes(n, w, batch, default_block_frames(w) if block is None else int(block))
                 work.append({"FastBlend remaps (left pass)": left, "FastBlend remaps (right pass)": right})
             elif mode == "balanced":
                 work.append({"FastBlend remaps": sum(s - 1 for s in span)})

@@ -45,12 +45,21 @@ from ..extensions.FastBlend.runners.common import RunStats, first_present, frame
 from ..utils.atomic import atomic_write_text
 from .base import VideoProcessor
 
-__all__ = ["FastBlendSmoother", "INFERENCE_MODES"]
+__all__ = ["FastBlendSmoother", "INFERENCE_MODES", "DEFAULT_WINDOW_SIZE", "default_block_frames"]
 
 logger = logging.getLogger("diffsynth")
 
 INFERENCE_MODES = ("fast", "balanced", "accurate", "interpolation")
 """Valid ``inference_mode`` values."""
+
+DEFAULT_WINDOW_SIZE = 60
+"""``window_size`` when a config gives none (the original's default)."""
+
+
+def default_block_frames(window_size: int) -> int:
+    """Fast mode's block when none is given: long enough that each block's halo costs only a few percent."""
+    return max(8 * window_size, 256)
+
 
 _KEY_VERSION = 2  # bump when the numbers a mode computes change (2: per-task seeds, right pass anchored at absolute frames)
 _SUBFOLDERS = ("left", "right", "blended")
@@ -86,7 +95,7 @@ class FastBlendSmoother(VideoProcessor):
 
     in_memory_limit = 256 * 2**20
 
-    def __init__(self, inference_mode: str = "fast", batch_size: int = 8, window_size: int = 60,
+    def __init__(self, inference_mode: str = "fast", batch_size: int = 8, window_size: int = DEFAULT_WINDOW_SIZE,
                  minimum_patch_size: int = 5, threads_per_block: int = 8, num_iter: int = 5, gpu_id: int = 0,
                  guide_weight: float = 10.0, initialize: str = "identity", tracking_window_size: int = 0,
                  device: str | torch.device | None = None, cache_folder: str | os.PathLike | None = None, seed: int = 0,
@@ -115,7 +124,7 @@ class FastBlendSmoother(VideoProcessor):
         self.keep_partials = keep_partials
         if block_frames is not None and block_frames < 0:
             raise ValueError(f"block_frames must be >= 0 (0: the whole video in one block), got {block_frames}")
-        self.block_frames = max(8 * window_size, 256) if block_frames is None else block_frames
+        self.block_frames = default_block_frames(window_size) if block_frames is None else block_frames
         self.in_memory = in_memory
         self.frame_cache = frame_cache
         self.matcher_factory = matcher_factory

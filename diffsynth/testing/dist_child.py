@@ -13,7 +13,7 @@ Started by torch's launcher (or alone, as a world of one)::
 * ``--log-dir DIR``: one byte per UNet call into ``DIR/unet.rank<R>.attempt<A>`` (unbuffered,
   survives the kill), and ``DIR/times.rank<R>.attempt<A>.json`` at the end: seconds in UNet
   calls, waiting at barriers and in all, the wall-clock times of the first and last UNet call,
-  and the bytes this rank sent (all, and in the denoising's boundary exchange).
+  and the bytes this rank sent in exchanges (the denoising's boundary predictions).
 
 The forward hook is added by a runner subclass; no library module is patched. Exit status:
 0 done, 1 the run stopped (message on stderr).
@@ -93,8 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if args.log_dir:
             times = {"unet_seconds": denoise[0], "wait_seconds": cluster.waited, "total_seconds": time.monotonic() - started,
-                     "first_unet_at": denoise[2], "last_unet_at": denoise[3], "bytes_sent": cluster.bytes_sent,
-                     "bytes_exchanged": cluster.exchanged, "unet_calls": calls[0]}
+                     "first_unet_at": denoise[2], "last_unet_at": denoise[3], "bytes_exchanged": cluster.exchanged, "unet_calls": calls[0]}
             with open(os.path.join(args.log_dir, f"times.rank{cluster.rank}.attempt{attempt}.json"), "w", encoding="utf-8") as f:
                 json.dump(times, f)
         cluster.close()
