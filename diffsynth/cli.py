@@ -118,7 +118,7 @@ def load_config(path: str) -> dict:
     return config
 
 
-def _render(config: dict, rerun_hint: str, config_dir: str | None = None, cluster=None) -> int:
+def _render(config: dict, rerun_hint: str, config_dir: str | None = None, cluster=None, force: bool = False) -> int:
     """Run the video runner with a progress bar; on Ctrl-C or a stopped run, say how to continue.
 
     ``cluster``: this process's place in a run on several processes; a failure here is told to
@@ -131,7 +131,8 @@ def _render(config: dict, rerun_hint: str, config_dir: str | None = None, cluste
     out = resolve_path(config["data"]["output_folder"], config_dir)[0]
     who = "" if cluster is None else f"[{cluster.me}] "
     try:
-        frames = SDVideoPipelineRunner(cluster=cluster).run(config, config_dir=config_dir)
+        runner = SDVideoPipelineRunner(cluster=cluster, estimate=True, force=force, on_estimate=lambda e: print(e.format() + "\n", flush=True))
+        frames = runner.run(config, config_dir=config_dir)
     except KeyboardInterrupt:
         if cluster is not None:
             cluster.report_error("interrupted (Ctrl-C)")
@@ -165,6 +166,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         worker_args += ["--output-folder", config["data"]["output_folder"]]
     if args.dist_timeout is not None:
         worker_args += ["--dist-timeout", str(args.dist_timeout)]
+    if args.force:
+        worker_args += ["--force"]
     if args.nproc_per_node is not None:
         if env_world_size() > 1:
             raise ValueError("--nproc-per-node starts the processes itself: under torchrun, leave it out")
@@ -175,12 +178,35 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ValueError("--max-restarts goes with --nproc-per-node (under torchrun, give torchrun --max-restarts)")
     config_dir = os.path.dirname(os.path.abspath(args.config))
     if env_world_size() == 1:
-        return _render(config, f"run `{hint}` again", config_dir=config_dir)
+        return _render(config, f"run `{hint}` again", config_dir=config_dir, force=args.force)
     cluster = Cluster.from_env(device=(config.get("models") or {}).get("device"), timeout=args.dist_timeout)
     try:
-        return _render(config, "run the same command again", config_dir=config_dir, cluster=cluster)
+        return _render(config, "run the same command again", config_dir=config_dir, cluster=cluster, force=args.force)
     finally:
         cluster.close()
+
+
+def cmd_estimate(args: argparse.Namespace) -> int:
+    """Estimate a runner config: the same pre-flight checks as ``run``, then the estimate; nothing is written."""
+    import json
+
+    from .cache.manifest import Manifest
+    from .estimate import estimate_plan
+    from .pipelines.runner import SDVideoPipelineRunner
+
+    config = load_config(args.config)
+    if args.output_folder:
+        config["data"]["output_folder"] = os.path.abspath(args.output_folder)
+    if args.nproc_per_node < 1:
+        raise ValueError(f"--nproc-per-node must be at least 1, got {args.nproc_per_node}")
+    runner = SDVideoPipelineRunner(progress_bar_cmd=None)
+    plan = runner.prepare(config, os.path.dirname(os.path.abspath(args.config)))
+    out = plan["config"]["data"]["output_folder"]
+    keys = runner.stage_keys(plan)
+    estimate = estimate_plan(plan, device=args.device, world=args.nproc_per_node, calibrate=args.calibrate,
+                             manifest=Manifest(out, writable=False), keys=keys)
+    print(json.dumps(estimate.as_json(), indent=1) if args.json else estimate.format())
+    return 0
 
 
 _INTERMEDIATES = ("source_images", "controlnet_caches", "prompt", "latents", "smoothed", "smoother")
@@ -265,8 +291,9 @@ def stage_table(out: str, config: dict | None = None, check_keys: bool = True, c
         note = record.get("skipped") or record.get("note") or ""
         if status == "done" and not size and not note and folders[sid]:
             note = "consumed by denoising" if sid == 3 else "files deleted once used"
+        predicted = ((manifest.data.get("estimate") or {}).get("stages") or {}).get(str(sid))
         rows.append({"id": sid, "name": name, "status": status, "frames": frames_done(sid, record), "bytes": size, "key": key, "note": note,
-                     "seconds": record.get("seconds")})
+                     "seconds": record.get("seconds"), "measured": record.get("measured"), "predicted": predicted})
     previous = os.path.join(out, PREVIOUS_FOLDER)
     kept = [os.path.join(previous, d) for d in sorted(os.listdir(previous)) if not d.startswith(".")] if os.path.isdir(previous) else []
     return {"out": out, "frames": n, "rows": rows, "last_done": manifest.last_done(), "key_problem": key_problem, "total_bytes": path_bytes(out),
@@ -292,9 +319,38 @@ def format_stage_table(table: dict) -> str:
             first, stop = r["frames"]
             windows = f"windows {r['windows'][0]}-{r['windows'][1] - 1}" if r["windows"][1] > r["windows"][0] else "no windows"
             lines.append(f"  rank {r['rank']} on {r['host']}: frames {first}-{stop - 1} ({stop - first}), {windows}")
+    if any(r.get("predicted") for r in table["rows"]):
+        lines += ["", "predicted (estimate before the run) vs measured:", *_comparison_lines(table["rows"])]
     for kept in table.get("previous", []):
         lines.append(f"previous render kept: {kept['path']} ({human_bytes(kept['bytes'])}; `diffsynth clean {table['out']} --previous` removes it)")
     return "\n".join(lines)
+
+
+def _comparison_lines(rows: list[dict]) -> list[str]:
+    """Per stage, measured / est. of time, the output folder's peak and the resident memory's peak (``-``: not measured)."""
+    def pair(measured, predicted, fmt) -> str:
+        left = fmt(measured) if measured is not None else "-"
+        right = fmt(predicted) if predicted is not None else "-"
+        return f"{left} / est. {right}"
+
+    header = f"{'id':>2}  {'stage':<24} {'time':>24}  {'disk peak':>26}  {'RAM peak':>26}"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        predicted, measured = r.get("predicted") or {}, r.get("measured") or {}
+        if not predicted and not measured:
+            continue
+        lines.append(f"{r['id']:>2}  {r['name']:<24} {pair(measured.get('seconds'), predicted.get('seconds'), human_seconds):>24}  "
+                     f"{pair(measured.get('disk_peak_bytes'), predicted.get('disk_peak_bytes'), human_bytes):>26}  "
+                     f"{pair(measured.get('ram_peak_bytes'), predicted.get('ram_peak_bytes'), human_bytes):>26}")
+        if predicted.get("device_peak_bytes") is not None or measured.get("device_peak_bytes") is not None:
+            lines.append(f"{'':>2}  {'  device memory':<24} {pair(measured.get('device_peak_bytes'), predicted.get('device_peak_bytes'), human_bytes):>24}")
+    measured = [r["measured"] for r in rows if r.get("measured")]
+    predicted = [r["predicted"] for r in rows if r.get("predicted")]
+    if measured and predicted:
+        lines.append(f"{'':>2}  {'total':<24} {pair(sum(m.get('seconds', 0.0) for m in measured), sum(p.get('seconds', 0.0) for p in predicted), human_seconds):>24}  "
+                     f"{pair(max(m.get('disk_peak_bytes', 0) for m in measured), max(p.get('disk_peak_bytes', 0) for p in predicted), human_bytes):>26}  "
+                     f"{pair(max(m.get('ram_peak_bytes', 0) for m in measured), max(p.get('ram_peak_bytes', 0) for p in predicted), human_bytes):>26}")
+    return lines
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -478,6 +534,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dist-timeout", type=float, default=None, metavar="SECONDS",
                    help="several processes: how long a silent process is waited for before all stop (default 600, or $DIFFSYNTH_DIST_TIMEOUT)")
     p.set_defaults(func=cmd_run)
+
+    p.add_argument("--force", action="store_true", help="run even when the estimate says the output folder's disk cannot hold the render")
+
+    p = sub.add_parser("estimate", help="disk, RAM, device memory and time of a runner config, per stage, before anything runs")
+    p.add_argument("config", help="runner config (.json or .yaml)")
+    p.add_argument("--output-folder", default=None, metavar="DIR", help="estimate for DIR instead of the config's data.output_folder")
+    p.add_argument("--device", default=None, help="estimate for this device (default: the config's models.device)")
+    p.add_argument("--nproc-per-node", type=int, default=1, metavar="N", help="estimate a run on N processes (per process: the largest share)")
+    p.add_argument("--calibrate", action="store_true", help="load the models and time a few real units at the run's size first (seconds)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (stages, total, fits, sources)")
+    p.set_defaults(func=cmd_estimate)
 
     p = sub.add_parser("status", help="stage table of a runner output folder: done/partial/pending, frames, disk, cache keys")
     p.add_argument("output_dir")

@@ -19,6 +19,7 @@ class ProgressEvent:
     stage: str
     done: int
     total: int
+    eta: float | None = None  # seconds left, when the run knows (the video runner: estimate, then measured rates)
 
 
 ProgressCallback = Callable[[ProgressEvent], None]

@@ -9,8 +9,8 @@ from diffsynth.controlnets.annotators import PROCESSOR_IDS
 from diffsynth.webui.choices import (CUSTOM_SIZE, SIZE_PRESETS, available_devices, gpu_process_choices, guess_processor, model_files,
                                     snap_to_8)
 from diffsynth.utils.sizes import human_bytes
-from diffsynth.webui.runs import (RunInfo, cancel_render, list_runs, read_worker_record, render_processes, rendering_processes,
-                                  run_info, start_render, write_run_config)
+from diffsynth.webui.runs import (RunInfo, cancel_render, comparison_rows, estimate_rows, estimate_verdicts, list_runs, read_worker_record,
+                                  render_processes, rendering_processes, run_info, start_render, write_run_config)
 from diffsynth.webui.video_form import ControlNetUnitForm, VideoForm, build_video_config
 
 VIDEO_MODEL_EXTENSIONS = (".safetensors", ".pth", ".ckpt")
@@ -28,6 +28,18 @@ def file_picker(label: str, folder: str, key: str) -> str | None:
     files = model_files(folder, VIDEO_MODEL_EXTENSIONS)
     choice = st.selectbox(label, ["None"] + files, format_func=lambda p: p if p == "None" else os.path.basename(p), key=key)
     return None if choice == "None" else choice
+
+
+def estimate_form(config: dict, processes: int) -> dict:
+    """The estimate of the form's config (``diffsynth estimate``), as JSON."""
+    from diffsynth.cache.manifest import Manifest
+    from diffsynth.estimate import estimate_plan
+    from diffsynth.pipelines.runner import SDVideoPipelineRunner
+
+    runner = SDVideoPipelineRunner(progress_bar_cmd=None)
+    plan = runner.prepare(config)
+    out = plan["config"]["data"]["output_folder"]
+    return estimate_plan(plan, world=processes, manifest=Manifest(out, writable=False), keys=runner.stage_keys(plan)).as_json()
 
 
 def flash(kind: str, text: str) -> None:
@@ -125,6 +137,23 @@ with form_column:
         processes = st.selectbox("GPU processes", process_choices, index=len(process_choices) - 1, key="gpu_processes",
                                  help="render this video on this many GPUs at once (one process each); the frames are the ones one GPU gives")
 
+    if st.button("Estimate", key="estimate_run", help="disk, RAM, device memory and time of this render, before it starts (no model is loaded)"):
+        form.seed = int(seed) if use_fixed_seed else 0
+        try:
+            if not run_name.strip():
+                raise ValueError("give the render a name (its output folder)")
+            state["estimate"] = estimate_form(build_video_config(form, models_root), processes)
+        except (ValueError, OSError) as exc:
+            state.pop("estimate", None)
+            st.error(str(exc))
+    if state.get("estimate"):
+        shown = state["estimate"]
+        st.dataframe(estimate_rows(shown), hide_index=True)
+        for fits, sentence in estimate_verdicts(shown):
+            (st.caption if fits else st.warning)(sentence)
+        st.caption("Time from: " + shown["sources"]["time"] + ". The render prints the same estimate first (see its log) and "
+                   "refuses to start when the disk cannot hold it.")
+
     if st.button("☢️Run☢️", type="primary", key="start_run", help="starts a background render; you may close the browser"):
         form.seed = int(seed) if use_fixed_seed else random.randrange(0, 10**9)
         try:
@@ -172,6 +201,9 @@ def show_run(info: RunInfo) -> None:
         st.dataframe(rows, hide_index=True)
         st.caption(f"{info.table['frames'] if info.table['frames'] is not None else '?'} frames, {human_bytes(info.table['total_bytes'])} on disk, "
                    f"in `{info.out}`. Same as `diffsynth status {info.out}`; resume from a terminal with `diffsynth run {os.path.join(info.out, 'config.json')}`.")
+    if info.table is not None and any(r.get("predicted") for r in info.table["rows"]):
+        with st.expander("Predicted vs measured", expanded=info.state == "done"):
+            st.dataframe(comparison_rows(info.table), hide_index=True)
     if info.last_frames:
         st.image(info.last_frames, caption=[f"frame {int(os.path.basename(p).split('.')[0])}" for p in info.last_frames], width=160)
     if state.get("opened_result") == info.out and info.video is not None:

@@ -299,6 +299,12 @@ def test_video_render_survives_a_killed_worker_and_resumes_to_the_end(in_project
     at.slider(key="animatediff_stride").set_value(2)
     at.checkbox(key="use_fixed_seed").check().run()
     at.number_input(key="seed").set_value(3)
+    at.button(key="estimate_run").click().run()  # the estimate before Start: per stage, nothing written
+    _no_problems(at)
+    estimate = at.dataframe[0].value
+    assert list(estimate["stage"])[:2] == ["source frames", "ControlNet annotations"] and list(estimate["stage"])[-1] == "total"
+    assert any(c.value.startswith("disk: fits") for c in at.caption)
+    assert not os.path.exists(in_project / "output" / "dance")
     at.button(key="start_run").click().run()
     _no_problems(at)
     out = str(in_project / "output" / "dance")
@@ -332,6 +338,8 @@ def test_video_render_survives_a_killed_worker_and_resumes_to_the_end(in_project
     at.run()
     _no_problems(at)
     assert _progress(at) == (100, "done: all stages done (100%)"), runs.log_tail(out)
+    compared = [d.value for d in at.dataframe if "time (measured / est.)" in d.value.columns]  # the comparison after the render
+    assert compared and list(compared[0]["stage"])[4] == "denoising" and " / " in compared[0]["time (measured / est.)"][4]
     assert len(at.get("image")) == 1  # the last decoded frames
     at.button(key="open_result").click().run()
     _no_problems(at)

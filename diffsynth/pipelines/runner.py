@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from typing import Any, Callable
 
 import torch
@@ -47,11 +48,13 @@ from ..cache.manifest import STAGES, Manifest, stable_hash
 from ..cache.previous import PREVIOUS_FOLDER, keep_previous
 from ..controlnets import ControlNetConfigUnit
 from ..distributed import Cluster, ClusterError, Layout, rank_share
+from ..estimate.meter import Meter
+from ..estimate.learn import learn_from_run
 from ..models.model_manager import ModelManager
 from ..progress import ProgressCallback, ProgressEvent
 from ..prompts.prompt_models import prompt_model_component
 from ..utils.atomic import DiskFullError, atomic_write_text, is_temp_name
-from ..utils.sizes import count_frame_files, human_bytes, path_bytes
+from ..utils.sizes import count_frame_files, human_bytes, human_seconds, path_bytes
 from .config_paths import resolve_config_paths
 from .preflight import PreflightError, check_config
 from .sd_video import SDVideoPipeline, VideoFrames, sliding_windows
@@ -80,11 +83,20 @@ class _Progress:
     a resumed run starts at the work already on disk.
     """
 
-    def __init__(self, weights: dict[int, int], done: dict[int, int], bar_cmd, callback: ProgressCallback | None, scale: int = 1):
-        """``scale``: units counted per unit reported (the world size: rank 0 reports its share and stands for all)."""
+    def __init__(self, weights: dict[int, int], done: dict[int, int], bar_cmd, callback: ProgressCallback | None, scale: int = 1,
+                 predicted: dict[int, float] | None = None):
+        """``scale``: units counted per unit reported (the world size: rank 0 reports its share and stands for all).
+
+        ``predicted``: the estimate's seconds per stage: the time left (``eta``) is each stage's units left at its
+        measured rate once this run has done enough of it to tell (:meth:`rate`), at the predicted rate before.
+        """
         self.weights = weights
         self.scale = scale
         self.counted = {sid: min(done.get(sid, 0), w) for sid, w in weights.items()}
+        self.predicted_rates = {sid: predicted[sid] / w for sid, w in weights.items() if predicted and predicted.get(sid) and w}
+        self.run_units = {sid: 0 for sid in weights}  # counted in this run
+        self.run_seconds = {sid: 0.0 for sid in weights}
+        self._clock = time.monotonic()
         self.total = sum(weights.values())
         self.callback = callback
         self.bar = bar_cmd(total=self.total, initial=self.done, desc="render", unit="unit") if bar_cmd is not None else None
@@ -95,7 +107,34 @@ class _Progress:
     def done(self) -> int:
         return sum(self.counted.values())
 
+    def rate(self, stage_id: int) -> float | None:
+        """Seconds per unit of ``stage_id``: measured in this run after 2% of the stage (and a second of it), else predicted."""
+        units, seconds = self.run_units[stage_id], self.run_seconds[stage_id]
+        if units and units >= 0.02 * self.weights[stage_id] and seconds >= 1.0:
+            return seconds / units
+        return self.predicted_rates.get(stage_id)
+
+    def eta(self) -> float | None:
+        """Seconds left for the whole render, or None while a stage with work left has no rate yet."""
+        left = 0.0
+        for sid, weight in self.weights.items():
+            units = weight - self.counted[sid]
+            if units > 0:
+                rate = self.rate(sid)
+                if rate is None:
+                    return None
+                left += units * rate
+        return left
+
+    def _tick(self) -> None:
+        """The time since the last tick belongs to the current stage."""
+        now = time.monotonic()
+        if self.stage_id is not None:
+            self.run_seconds[self.stage_id] += now - self._clock
+        self._clock = now
+
     def set_stage(self, stage_id: int, name: str) -> None:
+        self._tick()
         self.stage_id = stage_id
         self.stage = f"{stage_id} {name}"
         if self.bar is not None:
@@ -132,13 +171,19 @@ class _Progress:
     def _count(self, stage_id: int, n: int) -> int:
         step = max(0, min(n * self.scale, self.weights[stage_id] - self.counted[stage_id]))
         self.counted[stage_id] += step
+        if n > 0 and stage_id == self.stage_id:
+            self.run_units[stage_id] += step
         if step and self.bar is not None:
             self.bar.update(step)
         return step
 
     def _emit(self) -> None:
+        self._tick()
+        eta = self.eta()
+        if self.bar is not None and eta is not None:
+            self.bar.set_postfix_str(f"eta {human_seconds(eta)}", refresh=False)
         if self.callback is not None:
-            self.callback(ProgressEvent(self.stage, self.done, self.total))
+            self.callback(ProgressEvent(self.stage, self.done, self.total, eta))
 
     def close(self) -> None:
         if self.bar is not None:
@@ -224,9 +269,17 @@ def _remove_temp_files_below(out: str) -> None:
 
 class SDVideoPipelineRunner:
     def __init__(self, in_streamlit: bool = False, progress_callback: ProgressCallback | None = None, progress_bar_cmd: Callable | None = tqdm,
-                 cluster: Cluster | None = None):
-        """``cluster``: the processes of a run on several (``Cluster.from_env()`` under torchrun); None: one process."""
+                 cluster: Cluster | None = None, estimate: bool = False, force: bool = False, on_estimate: Callable | None = None):
+        """``cluster``: the processes of a run on several (``Cluster.from_env()`` under torchrun); None: one process.
+
+        ``estimate``: estimate disk, RAM, device memory and time first (``diffsynth.estimate``; the CLI and the
+        WebUI do), hand it to ``on_estimate`` and keep it in the manifest; a disk estimate over the free space
+        stops the run before anything is written unless ``force``. A config with ``vram_limit_level: "auto"``
+        is always estimated (that is how the setting is chosen). Every run measures itself either way.
+        """
         self.in_streamlit = in_streamlit
+        self.estimate, self.force, self.on_estimate = estimate, force, on_estimate
+        self.last_estimate = None
         self.cluster = cluster if cluster is not None else Cluster.solo()
         self.progress_callback = progress_callback if self.cluster.rank == 0 else None
         self.progress_bar_cmd = progress_bar_cmd if self.cluster.rank == 0 else None
@@ -250,7 +303,7 @@ class SDVideoPipelineRunner:
         config["pipeline"]["pipeline_inputs"].update(num_frames=len(source), width=width, height=height)
         written["pipeline"]["pipeline_inputs"].update(num_frames=len(source), width=width, height=height)
         return {"config": config, "written": written, "origins": origins, "annotator_files": checked.annotator_files,
-                "source": source, "controls": checked.controls, "width": width, "height": height, "num_frames": len(source)}
+                "source": source, "controls": checked.controls, "families": checked.families, "width": width, "height": height, "num_frames": len(source)}
 
     # ------------------------------------------------------------------ keys
     @staticmethod
@@ -325,6 +378,7 @@ class SDVideoPipelineRunner:
         data = config["data"]
         out = data["output_folder"]
         keys = self._keys_everywhere(plan)
+        estimate = self._estimate_first(plan, keys)
         try:  # these write too: a full disk here is reported like one inside a stage
             os.makedirs(out, exist_ok=True)
             if cluster.world > 1:
@@ -357,29 +411,105 @@ class SDVideoPipelineRunner:
                 total = sum(self._stage_weights(plan).values())
                 self.progress_callback(ProgressEvent("9 video encode", total, total))
             return VideoFrames(frames)
+        if estimate is not None and cluster.folder_leader:
+            self._keep_estimate(manifest, estimate)
         weights = self._stage_weights(plan)
-        progress = _Progress(weights, self._work_done(manifest, keys, plan), self.progress_bar_cmd, self.progress_callback, scale=cluster.world)
+        predicted = {s.id: s.seconds for s in estimate.stages} if estimate is not None else None
+        progress = _Progress(weights, self._work_done(manifest, keys, plan), self.progress_bar_cmd, self.progress_callback, scale=cluster.world,
+                             predicted=predicted)
+        meter = Meter(out, cluster.device(config["models"].get("device")))
+        done_before = {sid for sid in keys if manifest.is_done(sid, keys[sid])}
         try:
-            if cluster.world == 1:
-                return self._run_stages(plan, manifest, keys, progress)
-            with other_writers():
-                return self._run_stages(plan, manifest, keys, progress)
+            with meter:
+                if cluster.world == 1:
+                    result = self._run_stages(plan, manifest, keys, progress, meter)
+                else:
+                    with other_writers():
+                        result = self._run_stages(plan, manifest, keys, progress, meter)
         except OSError as exc:
             raise _io_error(f"stage {progress.stage}", out, exc, plan["num_frames"]) from exc
         finally:
             progress.close()
+            self._record_measured(manifest, meter)
+        if cluster.rank == 0:
+            learn_from_run(manifest, plan, keys, done_before)
+        return result
 
     # Inference only. The stages call the pipeline's methods, not its no_grad __call__, and a textual
     # inversion leaves the token embedding requiring grad: without this, every UNet call would keep
     # its activations alive in an autograd graph for as long as a window's noise is held (GiBs at 1280x768).
     @torch.no_grad()
-    def _run_stages(self, plan: dict, manifest: Manifest, keys: dict[int, str], progress: _Progress) -> VideoFrames:
+    def _run_stages(self, plan: dict, manifest: Manifest, keys: dict[int, str], progress: _Progress, meter: Meter | None = None) -> VideoFrames:
         """Every stage of the table, in order (each skips what is already on disk under its key)."""
-        ctx = RunContext(self, plan, manifest, keys, progress, self.cluster)
+        ctx = RunContext(self, plan, manifest, keys, progress, self.cluster, meter=meter)
         for stage in STAGE_TABLE:
+            if meter is not None:
+                meter.switch(stage.id)
             stage.run(ctx)
+            if meter is not None:
+                meter.sample()
         ctx.model_manager.to("cpu")
         return VideoFrames(ctx.frames)
+
+    # ------------------------------------------------------------------ estimates
+    def _estimate_first(self, plan: dict, keys: dict[int, str]):
+        """The estimate (rank 0; ``vram_limit_level: "auto"`` resolved on every rank); a disk that cannot hold the render stops here."""
+        cluster = self.cluster
+        inputs = plan["config"]["pipeline"]["pipeline_inputs"]
+        auto = inputs.get("vram_limit_level") == "auto"
+        estimate, refusal = None, None
+        if cluster.rank == 0 and (self.estimate or auto):
+            from ..estimate import estimate_plan
+
+            out = plan["config"]["data"]["output_folder"]
+            device = str(cluster.device(plan["config"]["models"].get("device")))
+            estimate = estimate_plan(plan, device=device, world=cluster.world, manifest=Manifest(out, writable=False), keys=keys)
+            self.last_estimate = estimate
+            if self.on_estimate is not None:
+                self.on_estimate(estimate)
+            disk = estimate.fits.get("disk")
+            if disk is not None and not disk["fits"] and not self.force:
+                refusal = (f"the output folder {out} would need {human_bytes(estimate.total['disk_peak_bytes'] - estimate.folder_bytes)} more "
+                           f"at its peak, and its disk has {human_bytes(estimate.free_disk)} free: {human_bytes(disk['missing_bytes'])} missing. "
+                           "Nothing was written. Free that much space, choose an output folder on a larger disk "
+                           "(--output-folder), or run anyway with --force (the run then stops when the disk fills; a rerun continues)")
+            memory = estimate.fits.get("device memory")
+            if memory is not None and not memory["fits"]:
+                logger.warning("device memory: %s; %s", memory["reason"], estimate.settings.get("advice", "lower unet_batch_size or set vram_limit_level to 1"))
+        settings = cluster.broadcast(estimate.settings if estimate is not None else None)
+        refusal = cluster.broadcast(refusal)
+        if refusal is not None:
+            raise RunError(refusal)
+        if auto:
+            for name in ("vram_limit_level", "unet_batch_size"):
+                inputs[name] = settings[name]  # batch sizes and vram options change no result: no key moves
+        return estimate
+
+    @staticmethod
+    def _keep_estimate(manifest: Manifest, estimate) -> None:
+        """The estimate of a run that will work, in the manifest; a stage done before keeps the prediction it was made under."""
+        record = estimate.as_json()
+        earlier = (manifest.data.get("estimate") or {}).get("stages") or {}
+        for sid, stage in record["stages"].items():
+            if stage["done"] and sid in earlier:
+                record["stages"][sid] = earlier[sid]
+        manifest.data["estimate"] = record
+        manifest.save()
+
+    def _record_measured(self, manifest: Manifest, meter: Meter) -> None:
+        """This run's measurements into the manifest, per stage (seconds added to earlier runs', peaks the largest)."""
+        if not manifest.writable:
+            return
+        for sid, measured in meter.results().items():
+            record = manifest.stage(sid).setdefault("measured", {})
+            record["seconds"] = round(record.get("seconds", 0.0) + measured["seconds"], 3)
+            for name in ("disk_peak_bytes", "ram_peak_bytes", "device_peak_bytes"):
+                if measured[name] is not None:
+                    record[name] = max(record.get(name) or 0, measured[name])
+        try:
+            manifest.save()
+        except OSError as exc:
+            logger.warning("could not record the run's measurements in %s: %s", manifest.path, exc)
 
     # ------------------------------------------------------------------ several processes
     def _prepare_everywhere(self, config: dict, config_dir: str | None) -> dict:

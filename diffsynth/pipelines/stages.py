@@ -352,6 +352,8 @@ class Denoising(Stage):
                 if ctx.local:  # the next step's boundary frames that a neighbour stepped (after an in-loop smoothing)
                     ctx.fetch(nxt, ctx.needed("latents"), image=False)
             ctx.sync(f"the end of step {step + 1}")  # every rank has written its frames of the step: the old generation can go
+            if ctx.meter is not None:
+                ctx.meter.sample()  # two generations on disk: the stage's fullest moment
             if cluster.folder_leader:
                 journal.remove()  # denoise_step removes it too (one process), unless a kill came between the step's last commit and that
                 _remove_store(latents)
@@ -479,6 +481,8 @@ class SmootherOutput(Stage):
         if ctx.local:  # rank 0's folder gets every final frame, a few at a time
             ctx.fetch(ctx.frames, ctx.needed("frames"), image=True)
         ctx.sync("the smoother output")
+        if ctx.meter is not None:
+            ctx.meter.sample()  # before the unsmoothed frames and the smoother's files go
         if not ctx.cluster.folder_leader:
             return
         if ctx.final_smoothing and not ctx.keep:  # the smoothed frames are in frames/: the unsmoothed ones are no longer needed
@@ -520,8 +524,9 @@ assert [stage.id for stage in STAGE_TABLE] == sorted(STAGE_NAMES)
 class RunContext:
     """What the stages of one run share: the plan, manifest, keys and progress, the stores, and the models once loaded."""
 
-    def __init__(self, runner, plan: dict, manifest: Manifest, keys: dict[int, str], progress, cluster: Cluster | None = None):
+    def __init__(self, runner, plan: dict, manifest: Manifest, keys: dict[int, str], progress, cluster: Cluster | None = None, meter=None):
         self.runner, self.plan, self.manifest, self.keys, self.progress = runner, plan, manifest, keys, progress
+        self.meter = meter  # the run's measurements (estimate.meter.Meter), or None
         self.cluster = cluster if cluster is not None else Cluster.solo()
         self.config = plan["config"]
         self.inputs = self.config["pipeline"]["pipeline_inputs"]
@@ -639,14 +644,16 @@ class SmootherStages:
 
     def __init__(self):
         self.target = None
+        self.meter = None
         self.installed = False  # set by _load_smoother when a fast-mode FastBlend reports here
         self.direct = None  # set by _load_smoother: the chain's only processor, a FastBlend writing into frames/
         self.folders: dict[int, str] = {}
         self.current: int | None = None
         self.counted: dict[int, int] = {}
 
-    def activate(self, manifest: Manifest, keys: dict[int, str], progress, out: str, folders: dict[int, str]) -> None:
+    def activate(self, manifest: Manifest, keys: dict[int, str], progress, out: str, folders: dict[int, str], meter=None) -> None:
         self.target = (manifest, keys, progress, out)
+        self.meter = meter
         self.folders = folders
         self.current = None
         self.counted = {}
@@ -663,6 +670,8 @@ class SmootherStages:
             progress.finish_stage(sid)
         if self.current != stage_id:
             self.current = stage_id
+            if self.meter is not None:
+                self.meter.switch(stage_id)
             if not manifest.is_done(stage_id, keys[stage_id]):
                 manifest.begin(stage_id, keys[stage_id])
             progress.set_stage(stage_id, STAGE_NAMES[stage_id])
@@ -705,7 +714,7 @@ def smooth(ctx: RunContext) -> None:
         return ctx.smoother(VideoFrames(ctx.decoded), original_frames=ctx.source)
 
     if stages.installed:
-        stages.activate(manifest, keys, progress, ctx.out, pass_folders(stages.direct is not None))
+        stages.activate(manifest, keys, progress, ctx.out, pass_folders(stages.direct is not None), ctx.meter)
         try:
             stages.enter(6)
             result = smooth_into_frames()
@@ -719,6 +728,8 @@ def smooth(ctx: RunContext) -> None:
             manifest.finish(sid, keys[sid], note="no left/right passes: this smoother runs in stage 8")
             progress.finish_stage(sid)
         progress.set_stage(8, STAGE_NAMES[8])
+        if ctx.meter is not None:
+            ctx.meter.switch(8)
         manifest.begin(8, keys[8])
         result = smooth_into_frames()
         if result is not None:

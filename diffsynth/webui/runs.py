@@ -26,6 +26,7 @@ import psutil
 
 from ..cache.manifest import STAGES
 from ..utils.atomic import atomic_write_text
+from ..utils.sizes import human_bytes, human_seconds
 
 logger = logging.getLogger("diffsynth")
 
@@ -310,3 +311,45 @@ def run_info(out: str, check_keys: bool = False, scan: dict[str, list[psutil.Pro
         state, message = "not started", "not started"
     return RunInfo(out=out, state=state, message=message, fraction=fraction, stage=stage, table=table, pids=pids,
                    last_frames=last_frames(out), video=video if os.path.isfile(video) else None, log_tail=log_tail(out))
+
+
+# ---------------------------------------------------------------------- estimates
+
+
+def estimate_rows(estimate: dict) -> list[dict]:
+    """An estimate's ``as_json()`` as table rows: per stage and in total, time, disk peak, RAM peak, device peak, source."""
+    def device(value) -> str:
+        return "-" if value is None else human_bytes(value)
+
+    rows = [{"id": int(sid), "stage": stage["name"], "time": "done" if stage["done"] else human_seconds(stage["seconds"]),
+             "disk peak": human_bytes(stage["disk_peak_bytes"]), "RAM peak": human_bytes(stage["ram_peak_bytes"]),
+             "device peak": device(stage["device_peak_bytes"]), "time from": "" if stage["done"] else stage["source"]}
+            for sid, stage in sorted(estimate["stages"].items(), key=lambda item: int(item[0]))]
+    total = estimate["total"]
+    rows.append({"id": None, "stage": "total", "time": human_seconds(total["seconds"]), "disk peak": human_bytes(total["disk_peak_bytes"]),
+                 "RAM peak": human_bytes(total["ram_peak_bytes"]), "device peak": device(total["device_peak_bytes"]), "time from": ""})
+    return rows
+
+
+def estimate_verdicts(estimate: dict) -> list[tuple[bool, str]]:
+    """``(fits, sentence)`` for the disk, RAM and device memory."""
+    return [(verdict["fits"], f"{what}: {'fits' if verdict['fits'] else 'does not fit'} ({verdict['reason']})")
+            for what, verdict in estimate.get("fits", {}).items()]
+
+
+def comparison_rows(table: dict) -> list[dict]:
+    """``stage_table`` rows as predicted-vs-measured rows (stages with either), for the page after a render."""
+    rows = []
+    for r in table["rows"]:
+        predicted, measured = r.get("predicted") or {}, r.get("measured") or {}
+        if not predicted and not measured:
+            continue
+
+        def pair(key, fmt):
+            left, right = measured.get(key), predicted.get(key)
+            return f"{fmt(left) if left is not None else '-'} / {fmt(right) if right is not None else '-'}"
+
+        rows.append({"id": r["id"], "stage": r["name"], "time (measured / est.)": pair("seconds", human_seconds),
+                     "disk peak (measured / est.)": pair("disk_peak_bytes", human_bytes),
+                     "RAM peak (measured / est.)": pair("ram_peak_bytes", human_bytes)})
+    return rows
