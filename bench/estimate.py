@@ -30,19 +30,22 @@ LARGER_UNET = dict(model_channels=128, channel_mult=(1, 2, 2), num_res_blocks=2,
 
 def _jobs(quick: bool) -> list[dict]:
     fast = [{"processor_type": "FastBlend", "config": {"window_size": 3}}]
-    jobs = [
+    blocks = [{"processor_type": "FastBlend", "config": {"window_size": 2, "block_frames": 6}}]
+    jobs = [  # in pairs of the same models and size where the second can use the first's history
         dict(name="tiny 64px 12f, 2 units, FastBlend", size=64, frames=12, units=2, smoother=fast),
         dict(name="tiny 64px 36f, 2 units, FastBlend", size=64, frames=36, units=2, smoother=fast),
         dict(name="tiny 128px 12f, 1 unit, no smoother", size=128, frames=12, units=1, smoother=None),
         dict(name="tiny 128px 24f, 1 unit, no smoother", size=128, frames=24, units=1, smoother=None),
-        dict(name="tiny 192px 16f, 0 units, FastBlend in blocks", size=192, frames=16, units=0,
-             smoother=[{"processor_type": "FastBlend", "config": {"window_size": 2, "block_frames": 6}}]),
-        dict(name="tiny 192px 24f, 0 units, balanced + Contrast", size=192, frames=24, units=0,
+        dict(name="tiny 192px 16f, FastBlend in blocks", size=192, frames=16, units=0, smoother=blocks),
+        dict(name="tiny 192px 24f, FastBlend in blocks", size=192, frames=24, units=0, smoother=blocks),
+        dict(name="tiny 192px 24f, balanced + Contrast", size=192, frames=24, units=0,
              smoother=[{"processor_type": "FastBlend", "config": {"window_size": 2, "inference_mode": "balanced"}},
                        {"processor_type": "Contrast", "config": {"rate": 1.1}}]),
         dict(name="tiny 128px 16f, 2 units, FastBlend in the loop", size=128, frames=16, units=2, smoother=fast, in_loop=True),
-        dict(name="larger 128px 12f, no units", size=128, frames=12, units=0, smoother=None, larger=True),
-        dict(name="larger 128px 24f, no units, FastBlend", size=128, frames=24, units=0, smoother=fast, larger=True),
+        dict(name="tiny 128px 24f, 2 units, FastBlend in the loop", size=128, frames=24, units=2, smoother=fast, in_loop=True),
+        dict(name="larger 128px 12f, no smoother", size=128, frames=12, units=0, smoother=None, larger=True),
+        dict(name="larger 128px 24f, FastBlend", size=128, frames=24, units=0, smoother=fast, larger=True),
+        dict(name="larger 128px 36f, FastBlend", size=128, frames=36, units=0, smoother=fast, larger=True),
     ]
     return jobs[:3] if quick else jobs
 
@@ -144,6 +147,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="three jobs only")
     parser.add_argument("--threads", type=int, default=None, help="torch threads in the children (default: torch's)")
+    parser.add_argument("--details", action="store_true", help="per stage: measured and predicted seconds of the run's own estimate")
+    parser.add_argument("--only", type=int, nargs="*", default=None, help="only the jobs with these numbers (0-based; history then has fewer runs)")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -157,6 +162,8 @@ def main() -> None:
         env["DIFFSYNTH_CACHE_DIR"] = os.path.join(tmp, "cache")  # a history of this bench only, grown job by job
         print(f"{'job':<46} {'source':<10} {'disk m/p':>9} {'RAM m/p':>9} {'time m/p':>9}   measured: disk, RAM, time")
         for k, job in enumerate(_jobs(args.quick)):
+            if args.only is not None and k not in args.only:
+                continue
             folder = os.path.join(tmp, f"project_{job['size']}_{'larger' if job.get('larger') else 'tiny'}_{job['frames']}")
             config = _project(folder, job)
             config["data"]["output_folder"] = os.path.join(tmp, f"out_{k}")
@@ -182,6 +189,10 @@ def main() -> None:
                 print(f"{job['name']:<46} {source:<10} {ratios['disk']:>9.3f} {ratios['RAM']:>9.3f} {ratios['time']:>9.3f}   "
                       f"{measured_disk / 2**20:.2f} MiB, {measured_ram / 2**20:.0f} MiB, {measured_seconds:.1f} s "
                       f"(estimate took {estimate['took']:.1f} s)")
+            if args.details:
+                predicted = run["estimate"]["stages"]
+                print("    " + "  ".join(f"{sid}: {run['measured'][sid].get('seconds', 0):.2f}/{predicted[sid]['seconds']:.2f}"
+                                         for sid in sorted(predicted, key=int)) + f"   ({predicted['4']['source']})")
     print("\nworst measured ÷ predicted over the jobs (1.000 = exact):")
     for source, entry in worst.items():
         print(f"  {source:<10} disk {entry['disk']:.3f}   RAM {entry['RAM']:.3f}   time {entry['time']:.3f}")

@@ -17,6 +17,8 @@ import torch
 from ..utils.sizes import human_seconds
 
 _WINDOW_BUDGET = 20.0  # seconds: a window slower than this is timed on 2 frames
+_CALIBRATION_PIXELS = 100_000  # FastBlend is calibrated on frames of at most this many pixels
+_SMOOTHER_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where the smoothers run (their own default)
 
 
 def _time(fn, device: torch.device) -> float:
@@ -83,32 +85,53 @@ def calibrate_units(plan: dict, device: torch.device, window: int, width: int, h
             costs[f"annotator frames ({processor.processor_id})"] = _time(lambda: processor(samples[0]), device) + files["png write"]
     source_reader = plan["source"]
     costs["source frames"] = _time(lambda: [source_reader[i] for i in range(min(3, len(source_reader)))], device) / min(3, len(source_reader)) + files["png write"]
-    _calibrate_smoothers(config, manager, samples, costs, files)
+    _calibrate_smoothers(config, manager, samples, costs, files, source_reader)
     _calibrate_video(samples, config, costs, files)
     manager.to("cpu")
     return costs
 
 
-def _calibrate_smoothers(config: dict, manager, samples, costs: dict, files: dict) -> None:
+def _calibration_frames(source, count: int) -> tuple[list, float]:
+    """The input's first ``count`` frames (repeated for a shorter clip), at most 0.1 MP each, and the pixel ratio back."""
+    frames = [source[i % len(source)] for i in range(count)]
+    width, height = frames[0].size
+    if width * height <= _CALIBRATION_PIXELS:
+        return frames, 1.0
+    factor = (_CALIBRATION_PIXELS / (width * height)) ** 0.5
+    size = (max(8, int(width * factor) // 8 * 8), max(8, int(height * factor) // 8 * 8))
+    return [frame.resize(size) for frame in frames], (width * height) / (size[0] * size[1])
+
+
+def _calibrate_smoothers(config: dict, manager, samples, costs: dict, files: dict, source) -> None:
     from ..processors import SequencialProcessor
 
     for entry in config.get("smoother_configs") or []:
         kind = entry.get("processor_type") if isinstance(entry, dict) else None
         options = dict((entry.get("config") or {}) if isinstance(entry, dict) else {})
-        if kind == "FastBlend" and "FastBlend remaps" not in costs:
-            # Two clip lengths, so that the call's fixed costs (engine set-up, the first kernels) cancel out.
-            options.update(window_size=2, cache_folder=None, in_memory=True, block_frames=0)
+        if kind == "FastBlend":
+            mode = options.get("inference_mode", "fast")
+            unit = "FastBlend remaps" if mode == "fast" else f"FastBlend remaps ({mode})"
+            if unit in costs:
+                continue
+            # The configured mode, engine settings, batch and blocks on two clip lengths of the input's own frames (so
+            # that the call's fixed costs cancel out and the batches are as full as in the run); a small window keeps
+            # it short. Frames above 0.1 MP are calibrated at 0.1 MP and scaled by their pixels (a remap's work is).
+            batch = int(options.get("batch_size", 8))
+            options.update(window_size=1 if mode == "accurate" else 2, cache_folder=None, in_memory=True)
             chain = SequencialProcessor.from_model_manager(manager, [{"processor_type": "FastBlend", "config": options}])
+            lengths = (3, 5) if mode == "accurate" else (batch, 2 * batch)
+            frames, scale = _calibration_frames(source, lengths[1])
             counted, timed = [], []
-            for length in (4, 8):
-                frames = [samples[i % len(samples)] for i in range(length)]
+            for length in lengths:
+                clip = frames[:length]
                 counted.append(_remaps(options, length))
-                timed.append(_time(lambda: list(chain(frames, original_frames=frames)), torch.device("cpu")))
-            costs["FastBlend remaps"] = max(timed[1] - timed[0], 1e-4) / max(counted[1] - counted[0], 1)
+                timed.append(_time(lambda: list(chain(clip, original_frames=clip)), torch.device("cpu")))
+            costs[unit] = scale * max(timed[1] - timed[0], 1e-4) / max(counted[1] - counted[0], 1)
+            continue
         elif kind == "RIFE" and "RIFE frames" not in costs:
             chain = SequencialProcessor.from_model_manager(manager, [{"processor_type": "RIFE", "config": options}])
             frames = list(samples)
-            seconds = _time(lambda: list(chain(frames, original_frames=frames)), torch.device("cpu"))
+            seconds = _time(lambda: list(chain(frames, original_frames=frames)), _SMOOTHER_DEVICE)
             costs["RIFE frames"] = seconds / max(len(frames) - 2, 1) + files["png write"]
         elif kind in ("Contrast", "Sharpness") and "edited frames" not in costs:
             chain = SequencialProcessor.from_model_manager(manager, [{"processor_type": kind, "config": options}])
@@ -128,5 +151,5 @@ def _calibrate_video(samples, config: dict, costs: dict, files: dict) -> None:
 
     frames = list(samples) * 3
     with tempfile.TemporaryDirectory(prefix=".diffsynth_estimate_") as tmp:
-        seconds = _time(lambda: save_video(frames, os.path.join(tmp, "video.mp4"), fps=config["data"].get("fps", 30)), torch.device("cpu"))
+        seconds = _time(lambda: save_video(frames, os.path.join(tmp, "video.mp4"), fps=config["data"].get("fps", 30)), _SMOOTHER_DEVICE)
     costs["frames encoded"] = seconds / len(frames) + files["png read"]

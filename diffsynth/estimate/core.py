@@ -27,7 +27,7 @@ import torch
 from ..cache.manifest import STAGE_NAMES
 from ..utils.sizes import human_bytes, human_seconds, path_bytes
 from . import costs as C
-from .history import History, history_key, models_signature
+from .history import History, history_key, models_signature, stage_id
 from .trace import meta_models, module_bytes, trace
 
 SCHEMA = 1
@@ -126,13 +126,13 @@ class Estimate:
 class _Models:
     """The run's models on the meta device: weights per component and traced calls (cached per setting)."""
 
-    def __init__(self, config: dict, device: torch.device, dtype: torch.dtype, families: dict[str, str]):
+    def __init__(self, config: dict, device: torch.device, dtype: torch.dtype, families: dict[str, str], headers: dict | None = None):
         models = config["models"]
 
         usable = [p for p in models["model_list"] if families.get(p) not in (None, "rife", "translator", "beautiful_prompt")]
         loras = [p for p in models["model_list"] if families.get(p) == "lora"]
         alphas = list(models.get("lora_alphas") or [])
-        self.manager = meta_models(usable, dtype, lora_alphas=alphas[:len(loras)])
+        self.manager = meta_models(usable, dtype, lora_alphas=alphas[:len(loras)], headers=headers)
         self.device, self.dtype = device, dtype
         m = self.manager
         self.units = len(models.get("controlnet_units") or [])
@@ -362,7 +362,7 @@ def estimate_plan(plan: dict, device: str | None = None, world: int = 1, calibra
     signature = models_signature(config["models"]["model_list"])
     hkey = history_key(str(device), signature, width, height)
     families = plan.get("families") or {}
-    models = _Models(config, device, dtype, families)
+    models = _Models(config, device, dtype, families, plan.get("headers"))
     sources: dict[str, str] = {}
 
     # ---- probes (a fraction of a second) and the PNG size of the frames
@@ -443,12 +443,14 @@ def estimate_plan(plan: dict, device: str | None = None, world: int = 1, calibra
     stages = []
     for stage in STAGE_TABLE:
         work = stage.work(view)
+        if stage.id in (0, 9):  # an ffmpeg process started, whatever the number of frames
+            work = dict(work, **{"ffmpeg starts": 1})
         if stage.id == 4:
             work = dict(work, **{"denoise frames": view.denoise["steps"] * view.denoise["window_frames"], "latent files": n * view.denoise["steps"]})
         elif stage.id == 1:
             work = dict(work, **{"model loading": 1})
         base = sum(count * _cost_of(unit, unit_costs) for unit, count in work.items())
-        factor = history.stage_factor(runs_key, stage.id) if history is not None and use_history and base > 0 else None
+        factor = history.stage_factor(runs_key, stage_id(stage.id, work)) if history is not None and use_history and base > 0 else None
         seconds = base * factor[0] if factor else base
         source = f"{_short(time_source)} × history ({factor[1]} run{'s' if factor[1] != 1 else ''})" if factor else _short(time_source)
         done = manifest is not None and keys is not None and manifest.is_done(stage.id, keys[stage.id])
@@ -598,6 +600,7 @@ def _unit_costs(models: _Models, plan, device, dtype, window, width, height, vra
 def _default_costs(models, config, inputs, device, dtype, window, width, height, vram_level, files, samples):
     probe = C.probe_device(device, dtype)
     w = models.window(window, width, height, inputs, vram_level)
+    remap = C.per_megapixel("FastBlend remaps", device, width, height) * _patch_match_effort(config.get("smoother_configs"))
     costs = {
         "denoise frames": C.traced_seconds(w, probe) / window,
         "VAE decodes": C.traced_seconds(models.decode(width, height), probe) + files["png write"] + files["latent io"],
@@ -605,9 +608,12 @@ def _default_costs(models, config, inputs, device, dtype, window, width, height,
         "latent files": files["latent io"],
         "noise frames": files["latent io"],
         "text encoder calls": 0.05,
+        "ffmpeg starts": 0.05,
         "source frames": C.per_megapixel("video decode", device, width, height) + files["png write"],
         "frames encoded": C.per_megapixel("frames encoded", device, width, height) + files["png read"],
-        "FastBlend remaps": C.per_megapixel("FastBlend remaps", device, width, height) * _patch_match_effort(config.get("smoother_configs")),
+        "FastBlend remaps": remap,
+        "FastBlend remaps (balanced)": remap * C.BALANCED_REMAP,
+        "FastBlend remaps (accurate)": remap * C.ACCURATE_REMAP,
         "RIFE frames": C.per_megapixel("RIFE frames", device, width, height) + files["png write"],
         "edited frames": C.per_megapixel("edited frames", device, width, height) + files["png write"],
         "neural annotator frames": C.per_megapixel("neural annotator frames", device, width, height) + files["png write"],

@@ -42,6 +42,12 @@ def models_signature(model_list) -> str:
     return "|".join(parts)
 
 
+def stage_id(stage: int, work: dict) -> str:
+    """A stage as the history knows it: its number and the kinds of work in it (a stage smoothing in another mode,
+    or with other annotators, is another stage as far as its speed goes)."""
+    return f"{stage}:" + ",".join(sorted(unit for unit, count in work.items() if count))
+
+
 def history_key(device: str, signature: str, width: int, height: int) -> str:
     return f"{device}||{signature}||{width}x{height}"
 
@@ -75,15 +81,15 @@ class History:
         self.data["calibrations"][key] = {"costs": costs, "when": time.strftime("%Y-%m-%d %H:%M")}
 
     # runs
-    def stage_factor(self, key: str, stage_id: int) -> tuple[float, int] | None:
-        """Median measured ÷ predicted seconds of ``stage_id`` over the remembered runs, and their number."""
-        ratios = [r for r in self.data["runs"].get(key, {}).get(str(stage_id), []) if r > 0]
+    def stage_factor(self, key: str, stage: str) -> tuple[float, int] | None:
+        """Median measured ÷ predicted seconds of ``stage`` (:func:`stage_id`) over the remembered runs, and their number."""
+        ratios = [r for r in self.data["runs"].get(key, {}).get(stage, []) if r > 0]
         return (statistics.median(ratios), len(ratios)) if ratios else None
 
-    def add_run(self, key: str, ratios: dict[int, float]) -> None:
+    def add_run(self, key: str, ratios: dict[str, float]) -> None:
         stages = self.data["runs"].setdefault(key, {})
-        for stage_id, ratio in ratios.items():
-            kept = stages.setdefault(str(stage_id), [])
+        for stage, ratio in ratios.items():
+            kept = stages.setdefault(stage, [])
             kept.append(round(float(ratio), 4))
             del kept[:-_KEEP_RUNS]
 

@@ -6,9 +6,11 @@ import logging
 import os
 
 from ..utils.sizes import count_frame_files, path_bytes
-from .history import History
+from .history import History, stage_id
 
 logger = logging.getLogger("diffsynth")
+
+_MIN_SECONDS = 0.2
 
 
 def learn_from_run(manifest, plan: dict, keys: dict[int, str], done_before: set[int], history: History | None = None) -> None:
@@ -27,8 +29,8 @@ def learn_from_run(manifest, plan: dict, keys: dict[int, str], done_before: set[
         if int(sid) in done_before or not manifest.is_done(int(sid), keys[int(sid)]) or measured is None:
             continue
         base = predicted.get("base_seconds") or 0.0
-        if base > 0.001 and measured > 0:
-            ratios[int(sid)] = measured / base
+        if base >= _MIN_SECONDS and measured >= _MIN_SECONDS:  # a stage of a few milliseconds is noise, not a rate
+            ratios[stage_id(int(sid), predicted.get("work") or {})] = measured / base
     out = manifest.folder
     frames = os.path.join(out, "frames")
     count = count_frame_files(frames)

@@ -120,19 +120,28 @@ def trace(call, *args, **kwargs) -> Traced:
 # ---------------------------------------------------------------------- models from headers
 
 
-def _meta_state_dict(path, torch_dtype=None, dtype=None):
+def meta_models(model_list, dtype: torch.dtype, lora_alphas=(), headers: dict | None = None):
+    """A :class:`ModelManager` holding the config's models on the meta device in ``dtype``, built from headers alone.
+
+    ``headers``: the files' headers the pre-flight checks already read (``{path: {name: (shape, dtype)}}``), so no
+    file is read twice; others are read here (a header only, except for legacy pickles)."""
+    from ..models import lora, model_manager
     from ..models.state_dict import read_header
 
-    cast = torch_dtype if torch_dtype is not None else dtype
-    return {key: torch.empty(shape, dtype=cast if cast is not None and dt.is_floating_point else dt, device="meta")
-            for key, (shape, dt) in read_header(path).items()}
+    known = dict(headers or {})
 
+    def header(path):
+        if path not in known:
+            known[path] = read_header(path)
+        return known[path]
 
-def meta_models(model_list, dtype: torch.dtype, lora_alphas=()):
-    """A :class:`ModelManager` holding the config's models on the meta device in ``dtype``, built from headers alone."""
-    from ..models import lora, model_manager
+    def meta_state_dict(path, torch_dtype=None, dtype=None):
+        cast = torch_dtype if torch_dtype is not None else dtype
+        return {key: torch.empty(shape, dtype=cast if cast is not None and dt.is_floating_point else dt, device="meta")
+                for key, (shape, dt) in header(path).items()}
 
-    with mock.patch.object(model_manager, "load_state_dict", _meta_state_dict), mock.patch.object(lora, "load_state_dict", _meta_state_dict):
+    with mock.patch.object(model_manager, "load_state_dict", meta_state_dict), mock.patch.object(lora, "load_state_dict", meta_state_dict), \
+            mock.patch.object(model_manager, "read_header", header):
         manager = model_manager.ModelManager(torch_dtype=dtype, device="meta")
         manager.load_models(list(model_list), lora_alphas=list(lora_alphas))
     return manager

@@ -67,6 +67,7 @@ class Checked:
     source: VideoData | None = None
     controls: list[VideoData] = field(default_factory=list)
     annotator_files: dict[str, str] = field(default_factory=dict)  # file name -> path, the files stage 1 reads
+    headers: dict[str, dict] = field(default_factory=dict)  # model file -> its tensors' shapes and dtypes (for the estimate)
     opened: dict[tuple, VideoData] = field(default_factory=dict)  # (path, is video, height, width) -> reader
 
     def add(self, key: str, message: str, remedy: str, origin: PathOrigin | None = None) -> None:
@@ -101,7 +102,9 @@ def _model_family(checked: Checked, key: str, path: str, origin: PathOrigin | No
                     "point to the checkpoint file, or to the diffusers / Hugging Face model folder itself", origin)
         return None
     try:
-        kind = detect(read_header(path), source=path)
+        header = read_header(path)
+        checked.headers[path] = header
+        kind = detect(header, source=path)
     except ModelFileError as exc:
         checked.add(key, f"{exc.problem}", exc.remedy or "replace the file with a complete download", origin)
         return None

@@ -303,7 +303,7 @@ class SDVideoPipelineRunner:
         config["pipeline"]["pipeline_inputs"].update(num_frames=len(source), width=width, height=height)
         written["pipeline"]["pipeline_inputs"].update(num_frames=len(source), width=width, height=height)
         return {"config": config, "written": written, "origins": origins, "annotator_files": checked.annotator_files,
-                "source": source, "controls": checked.controls, "families": checked.families, "width": width, "height": height, "num_frames": len(source)}
+                "source": source, "controls": checked.controls, "families": checked.families, "headers": checked.headers, "width": width, "height": height, "num_frames": len(source)}
 
     # ------------------------------------------------------------------ keys
     @staticmethod

@@ -37,6 +37,7 @@ logger = logging.getLogger("diffsynth")
 # FastBlend fast mode's progress stages (extensions/FastBlend/runners/fast.py) -> runner stages. The right
 # pass merges as it goes; a separate "FastBlend merge" pass runs only for a caller's own right= store.
 _FASTBLEND_STAGES = {"FastBlend left pass": 6, "FastBlend right pass": 7}
+_FAST_PASSES = ("FastBlend remaps (left pass)", "FastBlend remaps (right pass)")  # fast mode's work (workload.smoother_work)
 
 
 # ---------------------------------------------------------------------- what a config says about the stages
@@ -304,7 +305,7 @@ class Denoising(Stage):
         steps, in_loop = view.denoise["steps"], len(view.denoise["in_loop"]) if view.smoother else 0
         one = denoise_pass(view.inputs, view.n, view.units)
         chain = merged(*smoother_work(view.config.get("smoother_configs"), view.n))
-        passes = [key for key in chain if key.startswith("FastBlend remaps (")]  # both passes run inside the step
+        passes = [key for key in chain if key in _FAST_PASSES]  # both passes run inside the step
         chain = merged({key: value for key, value in chain.items() if key not in passes}, {"FastBlend remaps": sum(chain[k] for k in passes)})
         smoothing = merged(chain, {"VAE decodes": view.n, "VAE encodes": view.n})
         return merged(*([one] * steps), *([smoothing] * in_loop))

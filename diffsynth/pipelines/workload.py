@@ -58,10 +58,10 @@ def smoother_work(configs, n: int) -> list[dict[str, int]]:
                 block = options.get("block_frames")
                 left, right = fastblend_passes(n, w, batch, default_block_frames(w) if block is None else int(block))
                 work.append({"FastBlend remaps (left pass)": left, "FastBlend remaps (right pass)": right})
-            elif mode == "balanced":
-                work.append({"FastBlend remaps": sum(s - 1 for s in span)})
+            elif mode == "balanced":  # a remap here costs about half of fast mode's (estimate/costs.py)
+                work.append({"FastBlend remaps (balanced)": sum(s - 1 for s in span)})
             elif mode == "accurate":
-                work.append({"FastBlend remaps": sum(span)})
+                work.append({"FastBlend remaps (accurate)": sum(span)})
             else:
                 work.append({})
         elif kind == "RIFE":
