@@ -333,21 +333,22 @@ def _comparison_lines(rows: list[dict]) -> list[str]:
         right = fmt(predicted) if predicted is not None else "-"
         return f"{left} / est. {right}"
 
-    header = f"{'id':>2}  {'stage':<24} {'time':>24}  {'disk peak':>26}  {'RAM peak':>26}"
+    # Rows by stage name only: the stage table above keeps the one row per stage id that scripts read.
+    header = f"{'stage':<24} {'time':>24}  {'disk peak':>26}  {'RAM peak':>26}"
     lines = [header, "-" * len(header)]
     for r in rows:
         predicted, measured = r.get("predicted") or {}, r.get("measured") or {}
         if not predicted and not measured:
             continue
-        lines.append(f"{r['id']:>2}  {r['name']:<24} {pair(measured.get('seconds'), predicted.get('seconds'), human_seconds):>24}  "
+        lines.append(f"{r['name']:<24} {pair(measured.get('seconds'), predicted.get('seconds'), human_seconds):>24}  "
                      f"{pair(measured.get('disk_peak_bytes'), predicted.get('disk_peak_bytes'), human_bytes):>26}  "
                      f"{pair(measured.get('ram_peak_bytes'), predicted.get('ram_peak_bytes'), human_bytes):>26}")
         if predicted.get("device_peak_bytes") is not None or measured.get("device_peak_bytes") is not None:
-            lines.append(f"{'':>2}  {'  device memory':<24} {pair(measured.get('device_peak_bytes'), predicted.get('device_peak_bytes'), human_bytes):>24}")
+            lines.append(f"{'  device memory':<24} {pair(measured.get('device_peak_bytes'), predicted.get('device_peak_bytes'), human_bytes):>24}")
     measured = [r["measured"] for r in rows if r.get("measured")]
     predicted = [r["predicted"] for r in rows if r.get("predicted")]
     if measured and predicted:
-        lines.append(f"{'':>2}  {'total':<24} {pair(sum(m.get('seconds', 0.0) for m in measured), sum(p.get('seconds', 0.0) for p in predicted), human_seconds):>24}  "
+        lines.append(f"{'total':<24} {pair(sum(m.get('seconds', 0.0) for m in measured), sum(p.get('seconds', 0.0) for p in predicted), human_seconds):>24}  "
                      f"{pair(max(m.get('disk_peak_bytes', 0) for m in measured), max(p.get('disk_peak_bytes', 0) for p in predicted), human_bytes):>26}  "
                      f"{pair(max(m.get('ram_peak_bytes', 0) for m in measured), max(p.get('ram_peak_bytes', 0) for p in predicted), human_bytes):>26}")
     return lines

@@ -268,3 +268,44 @@ def test_eta_uses_the_estimate_then_measured_rates(monkeypatch):
     assert events[-1].eta == pytest.approx(90 * 1.0)
     unknown = _Progress({0: 10}, {}, None, None)
     assert unknown.eta() is None  # no estimate and nothing measured yet
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the estimate for a CUDA device on a machine without one")
+def test_estimate_for_a_gpu_this_machine_does_not_have(project, tmp_path, capsys, history_dir):
+    """Planning on a laptop for a GPU box: device memory from the headers and the trace, times at an assumed GPU's speed, said so."""
+    path = _write(_config(project, tmp_path / "out"), tmp_path / "config.json")
+    assert main(["estimate", path, "--device", "cuda", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert all(data["stages"][str(i)]["device_peak_bytes"] > 0 for i in (1, 4, 5))
+    assert "assumed GPU" in data["sources"]["time"] and "device memory" not in data["fits"]  # no free memory to compare with
+
+
+def test_bytes_of_a_folder_that_changes_while_it_is_counted(tmp_path, monkeypatch):
+    """The run's meter and `diffsynth status` count folders that a run changes under them: vanished files count nothing."""
+    from diffsynth.utils import sizes
+
+    folder = tmp_path / "latents"
+    (folder / "step_001").mkdir(parents=True)
+    for i in range(3):
+        (folder / "step_001" / f"{i:06d}.npy").write_bytes(b"x" * 100)
+    (folder / "kept.npy").write_bytes(b"y" * 10)
+    scandir = os.scandir
+
+    def racing(path):  # another process deletes step_001 between the listing and the stat
+        entries = list(scandir(path))
+        if str(path).endswith("step_001"):
+            for entry in entries[:2]:
+                os.remove(entry.path)
+        return _Entries(entries)
+
+    monkeypatch.setattr(sizes.os, "scandir", racing)
+    assert sizes.path_bytes(str(folder)) == 10 + 100
+    assert sizes.path_bytes(str(tmp_path / "gone")) == 0
+
+
+class _Entries(list):
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

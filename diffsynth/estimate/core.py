@@ -136,17 +136,17 @@ class _Models:
         self.device, self.dtype = device, dtype
         m = self.manager
         self.units = len(models.get("controlnet_units") or [])
-        controlnets = [getattr(m, "controlnet")] if self.units and m.has("controlnet") else []
-        controlnets = controlnets[0] if controlnets and isinstance(controlnets[0], list) else controlnets
-        self.controlnets = controlnets
-        fp32_vae = m.has("vae_decoder") and m.vae_decoder.parameters().__next__().dtype != torch.float32
+        found = m.controlnet if self.units and m.has("controlnet") else []
+        self.controlnets = list(found) if isinstance(found, (list, tuple)) else [found]
+        decoder = m.vae_decoder if m.has("vae_decoder") else None
+        # A decoder in another dtype gets an fp32 copy for the video's decode (SDVideoPipeline.vae_decoder_fp32): twice its bytes more.
+        fp32_copy = decoder is not None and next(decoder.parameters()).dtype != torch.float32
         self.weights = {
             "unet": module_bytes(m.unet if m.has("unet") else None),
             "motion": module_bytes(m.motion_modules if m.has("motion_modules") else None),
-            "controlnet": module_bytes(controlnets),
+            "controlnet": module_bytes(self.controlnets),
             "text encoder": module_bytes(m.text_encoder if m.has("text_encoder") else None),
-            "vae": module_bytes(m.vae_decoder if m.has("vae_decoder") else None) * (3 if fp32_vae else 1) // (2 if fp32_vae else 1)
-            + module_bytes(m.vae_encoder if m.has("vae_encoder") else None),
+            "vae": module_bytes(decoder) * (3 if fp32_copy else 1) + module_bytes(m.vae_encoder if m.has("vae_encoder") else None),
         }
         # Files the meta manager does not build (RIFE, prompt models): their bytes on disk, loaded on the CPU.
         self.other_bytes = sum(_file_bytes(p) for p in models["model_list"] if p not in usable and p not in loras)
@@ -524,16 +524,12 @@ def _fits(estimate: Estimate) -> dict:
                         "reason": f"needs {human_bytes(need)} more than the output folder holds now, {human_bytes(estimate.free_disk)} free",
                         "missing_bytes": max(need - estimate.free_disk, 0)}
     if estimate.free_ram is not None:
-        fits["RAM"] = {"fits": total["ram_peak_bytes"] <= estimate.free_ram + _own_rss_guess(),
+        fits["RAM"] = {"fits": total["ram_peak_bytes"] <= estimate.free_ram + current_rss(),  # this process is part of the peak
                        "reason": f"peak {human_bytes(total['ram_peak_bytes'])}, {human_bytes(estimate.free_ram)} available"}
     if total["device_peak_bytes"] is not None and estimate.free_device is not None:
         fits["device memory"] = {"fits": total["device_peak_bytes"] <= estimate.free_device,
                                  "reason": f"peak {human_bytes(total['device_peak_bytes'])}, {human_bytes(estimate.free_device)} free"}
     return fits
-
-
-def _own_rss_guess() -> int:
-    return current_rss()
 
 
 def _per_rank(estimate: Estimate, view, world: int) -> None:
@@ -621,7 +617,9 @@ def _default_costs(models, config, inputs, device, dtype, window, width, height,
     }
     for processor in ("canny", "tile"):
         costs[f"annotator frames ({processor})"] = _cheap_annotator_seconds(processor, samples) + files["png write"]
-    return costs, "default (model calls traced: FLOPs and operators at this device's probed speed; constants per megapixel)"
+    speed = ("an assumed GPU's speed (40 TFLOP/s fp16; this machine has no CUDA device to probe)" if probe.get("assumed")
+             else "this device's probed speed")
+    return costs, f"default (model calls traced: FLOPs and operators at {speed}; constants per megapixel)"
 
 
 def _patch_match_effort(configs) -> float:

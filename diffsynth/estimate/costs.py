@@ -54,8 +54,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# A device the estimate cannot probe (``--device cuda`` on a machine without one): a mid-range consumer GPU in fp16.
+ASSUMED_GPU = {"flops_per_second": 40e12, "seconds_per_op": 15e-6, "assumed": True}
+
+
 def probe_device(device: torch.device, dtype: torch.dtype) -> dict[str, float]:
-    """This device's matrix-product rate (FLOP/s) and per-operator overhead (s), measured in well under a second."""
+    """This device's matrix-product rate (FLOP/s) and per-operator overhead (s), measured in well under a second
+    (:data:`ASSUMED_GPU` for a CUDA device this machine does not have)."""
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return dict(ASSUMED_GPU)
     size = 1024 if device.type == "cuda" else 384
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)

@@ -8,6 +8,7 @@ is at its fullest (a denoising step's end before the old generation goes, before
 """
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -17,6 +18,8 @@ import torch
 from ..cache.previous import PREVIOUS_FOLDER
 from ..utils.sizes import path_bytes
 from .core import current_rss
+
+logger = logging.getLogger("diffsynth")
 
 _RSS_INTERVAL = 0.1
 
@@ -29,8 +32,10 @@ def folder_bytes(out: str) -> int:
 
 
 class Meter:
-    def __init__(self, out: str, device: str | torch.device | None = None):
+    def __init__(self, out: str, device: str | torch.device | None = None, disk: bool = True):
+        """``disk``: whether this process measures the folder (on a run of several, each folder's first process does)."""
         self.out = out
+        self.disk = disk
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.cuda = self.device.type == "cuda" and torch.cuda.is_available()
         self.stage: int | None = None
@@ -78,7 +83,7 @@ class Meter:
     def sample(self, disk: bool = True) -> None:
         """Record the resident memory (and the folder's bytes) now, as the current stage's."""
         rss = current_rss()
-        nbytes = folder_bytes(self.out) if disk else None
+        nbytes = folder_bytes(self.out) if disk and self.disk else None
         with self._lock:
             if self.stage is None:
                 return
@@ -92,7 +97,11 @@ class Meter:
             now = time.monotonic()
             disk = now >= self._disk_next
             start = time.monotonic()
-            self.sample(disk=disk)
+            try:
+                self.sample(disk=disk)
+            except OSError as exc:  # the folder unreadable (permissions, a network disk gone): the run goes on unmeasured
+                logger.warning("the run's measurements stop here: %s", exc)
+                return
             if disk:
                 took = time.monotonic() - start
                 self._disk_every = max(0.5, 20 * took)

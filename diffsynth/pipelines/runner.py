@@ -180,8 +180,9 @@ class _Progress:
     def _emit(self) -> None:
         self._tick()
         eta = self.eta()
-        if self.bar is not None and eta is not None:
-            self.bar.set_postfix_str(f"eta {human_seconds(eta)}", refresh=False)
+        postfix = getattr(self.bar, "set_postfix_str", None)  # tqdm's; a caller's own bar may have none
+        if postfix is not None and eta is not None:
+            postfix(f"eta {human_seconds(eta)}", refresh=False)
         if self.callback is not None:
             self.callback(ProgressEvent(self.stage, self.done, self.total, eta))
 
@@ -265,6 +266,11 @@ def _remove_temp_files_below(out: str) -> None:
         for name in files:
             if is_temp_name(name):
                 os.remove(os.path.join(root, name))
+
+
+def _check_device(device: str) -> None:
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RunError("models.device is 'cuda' but no CUDA device is available; set models.device to 'cpu' (slow) or run on a GPU machine")
 
 
 class SDVideoPipelineRunner:
@@ -417,7 +423,7 @@ class SDVideoPipelineRunner:
         predicted = {s.id: s.seconds for s in estimate.stages} if estimate is not None else None
         progress = _Progress(weights, self._work_done(manifest, keys, plan), self.progress_bar_cmd, self.progress_callback, scale=cluster.world,
                              predicted=predicted)
-        meter = Meter(out, cluster.device(config["models"].get("device")))
+        meter = Meter(out, cluster.device(config["models"].get("device")), disk=cluster.folder_leader)
         done_before = {sid for sid in keys if manifest.is_done(sid, keys[sid])}
         try:
             with meter:
@@ -430,7 +436,7 @@ class SDVideoPipelineRunner:
             raise _io_error(f"stage {progress.stage}", out, exc, plan["num_frames"]) from exc
         finally:
             progress.close()
-            self._record_measured(manifest, meter)
+            self._record_measured(manifest, meter, done_before)
         if cluster.rank == 0:
             learn_from_run(manifest, plan, keys, done_before)
         return result
@@ -463,6 +469,7 @@ class SDVideoPipelineRunner:
 
             out = plan["config"]["data"]["output_folder"]
             device = str(cluster.device(plan["config"]["models"].get("device")))
+            _check_device(device)  # before estimating for a device that is not there
             estimate = estimate_plan(plan, device=device, world=cluster.world, manifest=Manifest(out, writable=False), keys=keys)
             self.last_estimate = estimate
             if self.on_estimate is not None:
@@ -496,11 +503,14 @@ class SDVideoPipelineRunner:
         manifest.data["estimate"] = record
         manifest.save()
 
-    def _record_measured(self, manifest: Manifest, meter: Meter) -> None:
-        """This run's measurements into the manifest, per stage (seconds added to earlier runs', peaks the largest)."""
+    def _record_measured(self, manifest: Manifest, meter: Meter, done_before: set[int]) -> None:
+        """This run's measurements of the stages it worked on into the manifest (seconds added to earlier runs', peaks the
+        largest); a stage that was done before keeps the figures of the run that did it."""
         if not manifest.writable:
             return
         for sid, measured in meter.results().items():
+            if sid in done_before:
+                continue
             record = manifest.stage(sid).setdefault("measured", {})
             record["seconds"] = round(record.get("seconds", 0.0) + measured["seconds"], 3)
             for name in ("disk_peak_bytes", "ram_peak_bytes", "device_peak_bytes"):
@@ -660,8 +670,7 @@ class SDVideoPipelineRunner:
     def _load_pipeline(self, config: dict) -> tuple[SDVideoPipeline, ModelManager]:
         models = config["models"]
         device = self.cluster.device(models.get("device"))  # cuda -> cuda:LOCAL_RANK on several processes
-        if str(device).startswith("cuda") and not torch.cuda.is_available():
-            raise RunError("models.device is 'cuda' but no CUDA device is available; set models.device to 'cpu' (slow) or run on a GPU machine")
+        _check_device(str(device))
         model_manager = ModelManager(torch_dtype=None, device=device)
         if models.get("textual_inversion_folder") and os.path.isdir(models["textual_inversion_folder"]):
             model_manager.load_textual_inversions(models["textual_inversion_folder"])

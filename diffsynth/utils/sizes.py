@@ -15,10 +15,24 @@ def human_bytes(n: float) -> str:
 
 
 def path_bytes(path: str) -> int:
-    """Size of a file, or of every file under a folder (0 when it does not exist)."""
-    if os.path.isfile(path):
-        return os.path.getsize(path)
-    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
+    """Size of a file, or of every file under a folder (0 when it does not exist).
+
+    A folder may change while it is counted (a run commits and deletes files while ``diffsynth status`` or the
+    run's own meter counts them): a file or folder that is gone by the time it is reached counts nothing,
+    since it no longer takes space."""
+    try:
+        if not os.path.isdir(path):
+            return os.path.getsize(path) if os.path.isfile(path) else 0
+        total = 0
+        with os.scandir(path) as entries:
+            for entry in entries:
+                try:
+                    total += path_bytes(entry.path) if entry.is_dir(follow_symlinks=False) else entry.stat(follow_symlinks=False).st_size
+                except FileNotFoundError:
+                    continue  # deleted (or renamed: a temporary file committed) since the listing
+        return total
+    except FileNotFoundError:
+        return 0
 
 
 def count_frame_files(folder: str) -> int:
