@@ -218,14 +218,14 @@ def test_vram_limit_level_auto(project, tmp_path, history_dir):
     config["pipeline"]["pipeline_inputs"]["vram_limit_level"] = "auto"
     plan = _plan(config)
     estimate = estimate_plan(plan)
-    assert estimate.settings == {"vram_limit_level": 0, "unet_batch_size": 8}
+    assert estimate.settings == {"vram_limit_level": 0, "unet_batch_size": 8, "controlnet_batch_size": 8}
     models = core._Models(plan["config"], torch.device("cpu"), torch.float32, plan["families"])
     inputs = plan["config"]["pipeline"]["pipeline_inputs"]
     fast = sum(models.weights.values()) + models.window(8, 64, 64, inputs, 0, 8).peak_bytes
     level, chosen = core._auto_vram(models, inputs, 8, 64, 64, fast - 1)  # just too little for the fastest
     assert level == 1 and chosen["vram_limit_level"] == 1
     level, chosen = core._auto_vram(models, inputs, 8, 64, 64, 1)
-    assert chosen["unet_batch_size"] == 1 and "nothing fits" in chosen["note"]
+    assert chosen["unet_batch_size"] == chosen["controlnet_batch_size"] == 1 and "nothing fits" in chosen["note"]
     # A run with "auto" renders, with the same keys as the fastest explicit setting.
     runner = SDVideoPipelineRunner(progress_bar_cmd=None)
     runner.run(config)
@@ -276,7 +276,8 @@ def test_estimate_for_a_gpu_this_machine_does_not_have(project, tmp_path, capsys
     path = _write(_config(project, tmp_path / "out"), tmp_path / "config.json")
     assert main(["estimate", path, "--device", "cuda", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert all(data["stages"][str(i)]["device_peak_bytes"] > 0 for i in (1, 4, 5))
+    weights = data["stages"]["2"]["device_peak_bytes"]  # the text encoder's stage: the weights alone
+    assert weights > 0 and data["stages"]["4"]["device_peak_bytes"] > weights and data["stages"]["5"]["device_peak_bytes"] > weights
     assert "assumed GPU" in data["sources"]["time"] and "device memory" not in data["fits"]  # no free memory to compare with
 
 
@@ -309,3 +310,20 @@ class _Entries(list):
 
     def __exit__(self, *exc):
         return False
+
+
+def test_too_little_device_memory_names_the_setting_that_fits(project, tmp_path, monkeypatch, history_dir):
+    """A device-memory estimate over the free memory is a warning with the setting that fits (the CPU has none: simulated)."""
+    import diffsynth.estimate.core as core
+
+    config = _config(project, tmp_path / "out")
+    for spec in [config["data"]["input_frames"], *config["data"]["controlnet_frames"]]:
+        spec.update(height=256, width=256)  # large enough for the frame batches to set the peak
+    plan = _plan(config)
+    roomy = estimate_plan(plan, device="cuda")  # this machine has none: no free memory to compare with
+    peak = roomy.total["device_peak_bytes"]
+    monkeypatch.setattr(core, "_device_free", lambda device: peak - 1)  # just too little for the configured setting
+    tight = estimate_plan(plan, device="cuda")
+    verdict = tight.fits["device memory"]
+    assert verdict["fits"] is False and "vram_limit_level to 1" in verdict["advice"]
+    assert "controlnet_batch_size to 4" in verdict["advice"]  # the configured 8 halved: the ControlNets' hints at full size

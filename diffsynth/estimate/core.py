@@ -389,14 +389,13 @@ def estimate_plan(plan: dict, device: str | None = None, world: int = 1, calibra
     sources["time"] = time_source
 
     # ---- memory
-    free_device = None
-    if device.type == "cuda" and torch.cuda.is_available():
-        free_device = torch.cuda.mem_get_info(device)[0]
+    free_device = _device_free(device)
     if inputs.get("vram_limit_level", 0) == "auto":
         vram_level, settings = _auto_vram(models, inputs, window, width, height, free_device)
     weights = sum(models.weights.values())
     on_cpu = device.type == "cpu"
-    w_trace = models.window(window, width, height, inputs, vram_level, settings.get("unet_batch_size"))
+    w_trace = models.window(window, width, height, dict(inputs, **{k: v for k, v in settings.items() if k == "controlnet_batch_size"}),
+                            vram_level, settings.get("unet_batch_size"))
     d_trace = models.decode(width, height) if models.manager.has("vae_decoder") else None
     e_trace = models.encode(width, height) if models.manager.has("vae_encoder") else None
     frame_bytes = width * height * 3
@@ -404,8 +403,8 @@ def estimate_plan(plan: dict, device: str | None = None, world: int = 1, calibra
     cond_bytes = models.units * window * frame_bytes  # a window's control images, uint8
     fb_ram = _fastblend_ram(config.get("smoother_configs"), width, height)
     # Activations on the CPU: what the trace finds alive at once, with the allocator's caching of freed blocks.
-    act = {"window": w_trace.peak_bytes, "decode": d_trace.peak_bytes if d_trace else 0, "encode": e_trace.peak_bytes if e_trace else 0}
-    act = {k: int(v * _CPU_ALLOCATOR) if on_cpu else 0 for k, v in act.items()}
+    traced = {"window": w_trace.peak_bytes, "decode": d_trace.peak_bytes if d_trace else 0, "encode": e_trace.peak_bytes if e_trace else 0}
+    act = {k: int(v * _CPU_ALLOCATOR) if on_cpu else 0 for k, v in traced.items()}  # in the host's RAM
     # This process as the run will have it: now, with what the estimate itself keeps (it runs in the run's process).
     base = (current_rss() if base_rss is None else base_rss + max(current_rss() - rss_start, 0))
     models_host = _PROMPTER_BYTES + models.other_bytes + (weights + _CPU_RUNTIME_BYTES if on_cpu else models.largest_file)
@@ -429,8 +428,10 @@ def estimate_plan(plan: dict, device: str | None = None, world: int = 1, calibra
     device_stage: dict[int, int | None] = {sid: None for sid in STAGE_NAMES}
     if not on_cpu:
         resident = weights
-        device_stage = {0: 0, 1: resident, 2: resident, 3: resident + act["encode"], 4: resident + max(act["window"], act["decode"] + act["encode"]),
-                        5: resident + act["decode"], 6: resident, 7: resident, 8: resident, 9: resident}
+        in_loop = bool(view.denoise["in_loop"] and view.smoother)  # a smoothed step decodes and encodes every frame too
+        device_stage = {0: 0, 1: resident, 2: resident, 3: resident + traced["encode"],
+                        4: resident + max(traced["window"], traced["decode"] + traced["encode"] if in_loop else 0),
+                        5: resident + traced["decode"], 6: resident, 7: resident, 8: resident, 9: resident}
         sources["device memory"] = "weights from the file headers; activations traced on the meta device (memory-efficient attention)"
 
     # ---- disk
@@ -463,6 +464,13 @@ def estimate_plan(plan: dict, device: str | None = None, world: int = 1, calibra
     if world > 1:
         _per_rank(estimate, view, world)
     estimate.fits = _fits(estimate)
+    memory = estimate.fits.get("device memory")
+    if memory is not None and not memory["fits"] and inputs.get("vram_limit_level") != "auto":
+        level, fitting = _auto_vram(models, inputs, window, width, height, free_device)
+        memory["advice"] = (f"set vram_limit_level to {fitting['vram_limit_level']}, unet_batch_size to {fitting['unet_batch_size']} and "
+                            f"controlnet_batch_size to {fitting['controlnet_batch_size']} in pipeline_inputs (or vram_limit_level to "
+                            "\"auto\"); none of them changes the result"
+                            if "note" not in fitting else "no vram_limit_level or unet_batch_size fits: a smaller size or a GPU with more memory")
     return estimate
 
 
@@ -503,6 +511,13 @@ def _fastblend_ram(configs, width: int, height: int) -> int:
         elif isinstance(entry, dict) and entry.get("processor_type") == "RIFE":
             total = max(total, 4 * width * height * 3 * 4 * 8)
     return total
+
+
+def _device_free(device: torch.device) -> int | None:
+    """Free memory of a CUDA device present here (None: the CPU, or a device this machine does not have)."""
+    if device.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.mem_get_info(device)[0]
+    return None
 
 
 def _free_disk(out: str) -> int | None:
@@ -643,17 +658,17 @@ def _cheap_annotator_seconds(processor: str, samples) -> float:
 
 
 def _auto_vram(models: _Models, inputs: dict, window: int, width: int, height: int, free: int | None) -> tuple[int, dict]:
-    """``vram_limit_level: "auto"``: the fastest setting whose device peak fits the free memory (level 0, then 1, then smaller UNet batches)."""
-    configured = int(inputs.get("unet_batch_size", 1))
-    candidates = [(0, configured), (1, configured)]
-    batch = configured
-    while batch > 1:
-        batch //= 2
-        candidates.append((1, batch))
+    """``vram_limit_level: "auto"``: the fastest setting whose device peak fits the free memory: level 0, then 1, then
+    the UNet's and the ControlNets' frame batches halved together (none of these changes a result)."""
+    unet, control = int(inputs.get("unet_batch_size", 1)), int(inputs.get("controlnet_batch_size", 1))
+    candidates = [(0, unet, control), (1, unet, control)]
+    while unet > 1 or control > 1:
+        unet, control = max(unet // 2, 1), max(control // 2, 1)
+        candidates.append((1, unet, control))
     weights = sum(models.weights.values())
-    for level, batch in candidates:
-        peak = weights + models.window(window, width, height, inputs, level, batch).peak_bytes
+    for level, unet, control in candidates:
+        peak = weights + models.window(window, width, height, dict(inputs, controlnet_batch_size=control), level, unet).peak_bytes
         if free is None or peak <= free:
-            return level, {"vram_limit_level": level, "unet_batch_size": batch}
-    level, batch = candidates[-1]
-    return level, {"vram_limit_level": level, "unet_batch_size": batch, "note": "nothing fits; the smallest setting"}
+            return level, {"vram_limit_level": level, "unet_batch_size": unet, "controlnet_batch_size": control}
+    level, unet, control = candidates[-1]
+    return level, {"vram_limit_level": level, "unet_batch_size": unet, "controlnet_batch_size": control, "note": "nothing fits; the smallest setting"}

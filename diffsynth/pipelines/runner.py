@@ -482,13 +482,13 @@ class SDVideoPipelineRunner:
                            "(--output-folder), or run anyway with --force (the run then stops when the disk fills; a rerun continues)")
             memory = estimate.fits.get("device memory")
             if memory is not None and not memory["fits"]:
-                logger.warning("device memory: %s; %s", memory["reason"], estimate.settings.get("advice", "lower unet_batch_size or set vram_limit_level to 1"))
+                logger.warning("device memory may not suffice: %s; %s", memory["reason"], memory.get("advice", ""))
         settings = cluster.broadcast(estimate.settings if estimate is not None else None)
         refusal = cluster.broadcast(refusal)
         if refusal is not None:
             raise RunError(refusal)
         if auto:
-            for name in ("vram_limit_level", "unet_batch_size"):
+            for name in ("vram_limit_level", "unet_batch_size", "controlnet_batch_size"):
                 inputs[name] = settings[name]  # batch sizes and vram options change no result: no key moves
         return estimate
 
