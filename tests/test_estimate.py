@@ -327,3 +327,31 @@ def test_too_little_device_memory_names_the_setting_that_fits(project, tmp_path,
     verdict = tight.fits["device memory"]
     assert verdict["fits"] is False and "vram_limit_level to 1" in verdict["advice"]
     assert "controlnet_batch_size to 4" in verdict["advice"]  # the configured 8 halved: the ControlNets' hints at full size
+
+
+def test_building_from_headers_touches_no_other_thread(project):
+    """The WebUI server estimates in one session while another loads models: only the estimating thread gets meta tensors."""
+    import threading
+
+    from diffsynth.models.blocks import attention, attention_stand_in
+    from diffsynth.models.state_dict import load_state_dict, meta_tensors_only, read_file_header
+
+    path = project["models"]["model_list"][0]
+    seen = {}
+    inside, done = threading.Event(), threading.Event()
+
+    def other_session():
+        inside.wait()
+        seen["tensor"] = next(iter(load_state_dict(path).values()))
+        q = torch.ones(1, 1, 2, 4)
+        seen["attention"] = attention(q, q, q)
+        done.set()
+
+    thread = threading.Thread(target=other_session)
+    thread.start()
+    with meta_tensors_only(read_file_header), attention_stand_in(lambda q, k, v, is_causal: torch.zeros(1)):
+        assert next(iter(load_state_dict(path).values())).is_meta
+        inside.set()
+        done.wait(30)
+    thread.join()
+    assert not seen["tensor"].is_meta and seen["attention"].shape == (1, 1, 2, 4)

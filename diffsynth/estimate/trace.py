@@ -17,17 +17,15 @@ full attention matrix.
 """
 from __future__ import annotations
 
+import os
 import weakref
 from dataclasses import dataclass
-from unittest import mock
 
 import torch
-import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-_MATMULS = {"mm", "bmm", "addmm", "baddbmm", "matmul", "linear"}
-
+from ..models.blocks import attention_stand_in
 
 @dataclass
 class Traced:
@@ -104,7 +102,7 @@ def trace(call, *args, **kwargs) -> Traced:
     """Run ``call(*args, **kwargs)`` on meta tensors and return what it costs (see the module's doc)."""
     tracer = _Tracer()
 
-    def attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **_):
+    def attention(q, k, v, is_causal=False):
         """Memory-efficient attention: its output and log-sum-exp are allocated; FLOPs of QKᵀ and AV."""
         out = torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
         lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
@@ -112,7 +110,7 @@ def trace(call, *args, **kwargs) -> Traced:
         del lse
         return out
 
-    with torch.no_grad(), mock.patch.object(F, "scaled_dot_product_attention", attention), tracer:
+    with torch.no_grad(), attention_stand_in(attention), tracer:
         call(*args, **kwargs)
     return tracer.result
 
@@ -124,25 +122,20 @@ def meta_models(model_list, dtype: torch.dtype, lora_alphas=(), headers: dict | 
     """A :class:`ModelManager` holding the config's models on the meta device in ``dtype``, built from headers alone.
 
     ``headers``: the files' headers the pre-flight checks already read (``{path: {name: (shape, dtype)}}``), so no
-    file is read twice; others are read here (a header only, except for legacy pickles)."""
-    from ..models import lora, model_manager
-    from ..models.state_dict import read_header
+    file is read twice; others are read here (a header only, except for legacy pickles). Only this thread loads
+    from headers (``state_dict.meta_tensors_only``): a model loading elsewhere in the process meanwhile is untouched."""
+    from ..models.model_manager import ModelManager
+    from ..models.state_dict import meta_tensors_only, read_file_header
 
-    known = dict(headers or {})
+    known = {os.fspath(path): header for path, header in (headers or {}).items()}
 
-    def header(path):
+    def header(path: str):
         if path not in known:
-            known[path] = read_header(path)
+            known[path] = read_file_header(path)
         return known[path]
 
-    def meta_state_dict(path, torch_dtype=None, dtype=None):
-        cast = torch_dtype if torch_dtype is not None else dtype
-        return {key: torch.empty(shape, dtype=cast if cast is not None and dt.is_floating_point else dt, device="meta")
-                for key, (shape, dt) in header(path).items()}
-
-    with mock.patch.object(model_manager, "load_state_dict", meta_state_dict), mock.patch.object(lora, "load_state_dict", meta_state_dict), \
-            mock.patch.object(model_manager, "read_header", header):
-        manager = model_manager.ModelManager(torch_dtype=dtype, device="meta")
+    with meta_tensors_only(header):
+        manager = ModelManager(torch_dtype=dtype, device="meta")
         manager.load_models(list(model_list), lora_alphas=list(lora_alphas))
     return manager
 

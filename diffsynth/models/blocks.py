@@ -7,6 +7,8 @@ stripped). Diffusers-format folders are renamed onto this layout by
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 
 import torch
@@ -122,6 +124,27 @@ class Attention(nn.Module):
         return self.to_out(sdpa_heads(q, k, v, self.heads))
 
 
+_ATTENTION: contextvars.ContextVar = contextvars.ContextVar("diffsynth_attention", default=None)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
+    """``scaled_dot_product_attention``, unless this thread traces the models (``estimate/trace.py`` sets a stand-in that
+    allocates what the memory-efficient kernels do: on the meta device the real call would be the full matrix)."""
+    stand_in = _ATTENTION.get()
+    if stand_in is not None:
+        return stand_in(q, k, v, is_causal)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
+
+
+@contextlib.contextmanager
+def attention_stand_in(function):
+    token = _ATTENTION.set(function)
+    try:
+        yield
+    finally:
+        _ATTENTION.reset(token)
+
+
 def sdpa_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, is_causal: bool = False) -> torch.Tensor:
     """Split ``(B, L, heads·d)`` projections into heads, attend, merge back."""
     b, lq, inner = q.shape
@@ -129,7 +152,7 @@ def sdpa_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, is
     q = q.view(b, lq, heads, d).transpose(1, 2)
     k = k.view(b, k.shape[1], heads, d).transpose(1, 2)
     v = v.view(b, v.shape[1], heads, d).transpose(1, 2)
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
+    out = attention(q, k, v, is_causal=is_causal)
     return out.transpose(1, 2).reshape(b, lq, inner)
 
 

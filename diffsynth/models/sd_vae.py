@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import GroupNorm32
+from .blocks import GroupNorm32, attention
 from .tiler import tiled_forward
 
 
@@ -74,7 +74,7 @@ class VAEAttention(nn.Module):
         y = self.norm(x)
         q, k, v = (proj(y).flatten(2).transpose(1, 2).unsqueeze(1) for proj in (self.q, self.k, self.v))
         # contiguous NCHW: the reshaped transpose would be a channels-last view that slows every later conv
-        out = F.scaled_dot_product_attention(q, k, v).squeeze(1).transpose(1, 2).reshape(b, c, h, w).contiguous()
+        out = attention(q, k, v).squeeze(1).transpose(1, 2).reshape(b, c, h, w).contiguous()
         return x + self.proj_out(out)
 
 

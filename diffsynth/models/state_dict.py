@@ -22,6 +22,8 @@ that lists the Python objects it asks for.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import errno
 import json
 import os
@@ -110,6 +112,10 @@ def load_state_dict(
     for a truncated, corrupt, unsafe or tensor-less one.
     """
     dtype = _resolve_dtype(dtype, torch_dtype)
+    headers = _HEADERS_ONLY.get()
+    if headers is not None:  # an estimate building the models from headers (meta_tensors_only): no weight is read
+        return {key: torch.empty(shape, dtype=dtype if dtype is not None and dt.is_floating_point else dt, device="meta")
+                for key, (shape, dt) in headers(os.fspath(path)).items()}
     path = _check_file(path)
     fmt = detect_file_format(path)
     if fmt == FORMAT_SAFETENSORS:
@@ -117,6 +123,20 @@ def load_state_dict(
     raw = _torch_load(path, fmt)
     flat = _flatten_tensors(path, _unwrap(raw))
     return {key: _cast(value, dtype) for key, value in flat.items()}
+
+
+_HEADERS_ONLY: contextvars.ContextVar = contextvars.ContextVar("diffsynth_headers_only", default=None)
+
+
+@contextlib.contextmanager
+def meta_tensors_only(header):
+    """In this thread (and context), :func:`load_state_dict` returns meta tensors of the shapes and dtypes ``header(path)``
+    gives, reading no weight: how the estimates build a run's models (``estimate/trace.py``). Other threads load as usual."""
+    token = _HEADERS_ONLY.set(header)
+    try:
+        yield
+    finally:
+        _HEADERS_ONLY.reset(token)
 
 
 def load_raw(path: str | os.PathLike) -> Any:
@@ -135,6 +155,14 @@ def load_raw(path: str | os.PathLike) -> Any:
 
 
 def read_header(path: str | os.PathLike) -> dict[str, HeaderEntry]:
+    """:func:`read_file_header`, or the header already known while the models are built from headers (meta_tensors_only)."""
+    headers = _HEADERS_ONLY.get()
+    if headers is not None:
+        return headers(os.fspath(path))
+    return read_file_header(path)
+
+
+def read_file_header(path: str | os.PathLike) -> dict[str, HeaderEntry]:
     """Return ``{name: (shape, dtype)}`` for every tensor, without reading the data.
 
     For safetensors only the JSON header is parsed (and checked against the file
