@@ -264,6 +264,17 @@ def test_a_rank_that_stops_answering_is_given_up_after_the_timeout_with_its_name
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the frozen rank cannot be stopped politely
         proc.wait(timeout=30)
+        _kill_leftovers(str(tmp_path))
+
+
+def _kill_leftovers(marker: str) -> None:
+    """Kill the workers of a test's run still alive: the launcher starts them in sessions of their own, so the frozen
+    (SIGSTOPped) rank outlives the launcher's process group and would hold its memory until the machine ends."""
+    import psutil
+
+    for process in psutil.process_iter(["cmdline"]):
+        if any(marker in part for part in process.info["cmdline"] or []):
+            process.kill()
 
 
 def _wait_for(condition, timeout):
