@@ -88,8 +88,24 @@ def test_tracer_follows_every_tensor_until_it_dies():
     assert mm.flops == 2 * 8 * 16 * 4
 
 
-def test_disk_estimate_matches_a_real_render(project, tmp_path, history_dir):
+def test_disk_estimate_matches_a_real_render(project, tmp_path, history_dir, monkeypatch):
     """Stage by stage the folder holds what the model says; the final folder within 10% (rendered PNGs are the unknown)."""
+    from diffsynth.cache.stores import DiskStore
+    from diffsynth.estimate import meter as meter_module
+
+    running, enter, put = [], meter_module.Meter.__enter__, DiskStore._put
+
+    def remember(self):
+        running.append(self)
+        return enter(self)
+
+    def commit_and_sample(self, slot, value):  # every committed file is followed by a sample: the measured peak is the peak
+        put(self, slot, value)
+        if running:
+            running[-1].sample()
+
+    monkeypatch.setattr(meter_module.Meter, "__enter__", remember)
+    monkeypatch.setattr(DiskStore, "_put", commit_and_sample)
     config = _config(project, tmp_path / "out")
     runner = SDVideoPipelineRunner(progress_bar_cmd=None, estimate=True)
     runner.run(config)
@@ -173,6 +189,7 @@ def test_manifest_holds_predicted_and_measured_and_status_shows_both(project, tm
 
 def test_history_is_recorded_after_a_run_and_used_by_the_next_estimate(project, tmp_path, history_dir):
     config = _config(project, tmp_path / "out")
+    config["pipeline"]["pipeline_inputs"]["num_inference_steps"] = 8  # a denoising stage long enough to be a rate (>= 0.2 s)
     runner = SDVideoPipelineRunner(progress_bar_cmd=None, estimate=True)
     runner.run(config)
     first = runner.last_estimate

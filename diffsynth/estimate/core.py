@@ -332,10 +332,10 @@ def current_rss() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _sample_frames(source, count: int = 3) -> list:
+def _sample_frames(source) -> list:
+    """The first, middle and last frames (fewer for a shorter clip)."""
     n = len(source)
-    picks = sorted({0, n // 2, n - 1})[:count]
-    return [source[i] for i in picks]
+    return [source[i] for i in sorted({0, n // 2, n - 1})]
 
 
 def estimate_plan(plan: dict, device: str | None = None, world: int = 1, calibrate: bool = False, use_history: bool = True,
@@ -369,7 +369,8 @@ def estimate_plan(plan: dict, device: str | None = None, world: int = 1, calibra
     samples = _sample_frames(plan["source"])
     files = C.probe_files(out, samples, width, height)
     png_source = files["png bytes"]
-    png_control = [_control_png(unit, plan, samples, png_source) for unit in config["models"].get("controlnet_units") or []]
+    units = config["models"].get("controlnet_units") or []
+    png_control = [_control_png(unit, frames, png_source) for unit, frames in zip(units, plan["controls"])]
     ratios = history.frame_ratios(signature) if history is not None else None
     png_out = png_source * (ratios or {}).get("frame", 1.0)
     video_frame = png_out * (ratios or {}).get("video", _DEFAULT_VIDEO_RATIO)
@@ -486,14 +487,15 @@ def _short(source: str) -> str:
     return source.split(" (")[0]
 
 
-def _control_png(unit: dict, plan: dict, samples, png_source: float) -> float:
-    """PNG bytes of a unit's annotation: computed on the sample frames for annotators that read no weights, else the source's."""
+def _control_png(unit: dict, frames, png_source: float) -> float:
+    """PNG bytes of a unit's annotation: computed on a few of its control frames for the annotators that read no weights;
+    others are assumed to compress like the source frames."""
     processor = unit.get("processor_id")
     if processor in ("canny", "tile"):
         from ..controlnets.annotators import Annotator
 
         annotator = Annotator(processor, model_path=None, device="cpu")
-        return C.png_bytes_of([annotator(frame) for frame in samples])
+        return C.png_bytes_of([annotator(frame) for frame in _sample_frames(frames)])
     return png_source
 
 

@@ -27,8 +27,11 @@ from torch.utils._pytree import tree_flatten
 
 from ..models.blocks import attention_stand_in
 
+
 @dataclass
 class Traced:
+    """What a traced call costs (see the module's doc)."""
+
     peak_bytes: int = 0
     host_bytes: int = 0
     flops: int = 0
