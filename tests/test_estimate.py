@@ -163,6 +163,7 @@ def test_run_refuses_a_disk_too_small_and_force_runs_anyway(project, tmp_path, c
     assert not os.path.exists(out)  # stopped before anything was written
     assert main(["run", path, "--force"]) == 0
     assert os.path.isfile(out / "video.mp4")
+    assert main(["run", path]) == 0  # a finished render needs no more space: its rerun is never refused
 
 
 def test_manifest_holds_predicted_and_measured_and_status_shows_both(project, tmp_path, capsys, history_dir):

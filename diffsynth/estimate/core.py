@@ -535,11 +535,12 @@ def _free_disk(out: str) -> int | None:
 def _fits(estimate: Estimate) -> dict:
     total = estimate.total
     fits = {}
-    need = max(total["disk_peak_bytes"] - estimate.folder_bytes, 0)
+    # What the stages still to run add at their peak to what the folder holds now (nothing for a finished render).
+    need = max(max((s.disk_peak_bytes for s in estimate.stages if not s.done), default=0) - estimate.folder_bytes, 0)
     if estimate.free_disk is not None:
         fits["disk"] = {"fits": need <= estimate.free_disk,
                         "reason": f"needs {human_bytes(need)} more than the output folder holds now, {human_bytes(estimate.free_disk)} free",
-                        "missing_bytes": max(need - estimate.free_disk, 0)}
+                        "missing_bytes": max(need - estimate.free_disk, 0), "needed_bytes": need}
     if estimate.free_ram is not None:
         fits["RAM"] = {"fits": total["ram_peak_bytes"] <= estimate.free_ram + current_rss(),  # this process is part of the peak
                        "reason": f"peak {human_bytes(total['ram_peak_bytes'])}, {human_bytes(estimate.free_ram)} available"}

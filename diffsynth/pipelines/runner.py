@@ -476,7 +476,7 @@ class SDVideoPipelineRunner:
                 self.on_estimate(estimate)
             disk = estimate.fits.get("disk")
             if disk is not None and not disk["fits"] and not self.force:
-                refusal = (f"the output folder {out} would need {human_bytes(estimate.total['disk_peak_bytes'] - estimate.folder_bytes)} more "
+                refusal = (f"the output folder {out} would need {human_bytes(disk['needed_bytes'])} more "
                            f"at its peak, and its disk has {human_bytes(estimate.free_disk)} free: {human_bytes(disk['missing_bytes'])} missing. "
                            "Nothing was written. Free that much space, choose an output folder on a larger disk "
                            "(--output-folder), or run anyway with --force (the run then stops when the disk fills; a rerun continues)")
