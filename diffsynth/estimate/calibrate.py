@@ -14,11 +14,12 @@ import time
 
 import torch
 
+from ..utils.device import default_device
 from ..utils.sizes import human_seconds
 
 _WINDOW_BUDGET = 20.0  # seconds: a window slower than this is timed on 2 frames
 _CALIBRATION_PIXELS = 100_000  # FastBlend is calibrated on frames of at most this many pixels
-_SMOOTHER_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where the smoothers run (their own default)
+_SMOOTHER_DEVICE = torch.device(default_device())  # where the smoothers run (their own default), to synchronise on
 
 
 def _time(fn, device: torch.device) -> float:
