@@ -463,14 +463,20 @@ class SDVideoPipelineRunner:
         cluster = self.cluster
         inputs = plan["config"]["pipeline"]["pipeline_inputs"]
         auto = inputs.get("vram_limit_level") == "auto"
-        estimate, refusal = None, None
+        estimate, refusal, failure = None, None, None
         if cluster.rank == 0 and (self.estimate or auto):
-            from ..estimate import estimate_plan
-
+            try:
+                estimate = self._estimate(plan, keys)
+            except (RunError, ValueError, OSError) as exc:  # told to the other ranks (waiting for the result) before it is raised
+                failure = exc
+        if cluster.world > 1:
+            failed = cluster.broadcast(None if failure is None else str(failure))
+            if failed is not None and failure is None:
+                raise ClusterError(f"{cluster.members[0]} could not estimate the run, so no rank starts: {failed}")
+        if failure is not None:
+            raise failure
+        if estimate is not None:
             out = plan["config"]["data"]["output_folder"]
-            device = str(cluster.device(plan["config"]["models"].get("device")))
-            _check_device(device)  # before estimating for a device that is not there
-            estimate = estimate_plan(plan, device=device, world=cluster.world, manifest=Manifest(out, writable=False), keys=keys)
             self.last_estimate = estimate
             if self.on_estimate is not None:
                 self.on_estimate(estimate)
@@ -491,6 +497,14 @@ class SDVideoPipelineRunner:
             for name in ("vram_limit_level", "unet_batch_size", "controlnet_batch_size"):
                 inputs[name] = settings[name]  # batch sizes and vram options change no result: no key moves
         return estimate
+
+    def _estimate(self, plan: dict, keys: dict[int, str]):
+        from ..estimate import estimate_plan
+
+        out = plan["config"]["data"]["output_folder"]
+        device = str(self.cluster.device(plan["config"]["models"].get("device")))
+        _check_device(device)  # before estimating for a device that is not there
+        return estimate_plan(plan, device=device, world=self.cluster.world, manifest=Manifest(out, writable=False), keys=keys)
 
     @staticmethod
     def _keep_estimate(manifest: Manifest, estimate) -> None:
