@@ -40,8 +40,9 @@ _WORKING_FRAMES = 4  # frames in flight per prefetch/write-behind pair (depth 2 
 _PROMPTER_BYTES = 45 * 2**20  # the CLIP tokenizer's vocabulary and merges as Python objects
 _CPU_RUNTIME_BYTES = 20 * 2**20  # oneDNN/MKL buffers and kernels at the first convolutions
 _CPU_ALLOCATOR = 1.5  # resident bytes per traced activation byte: freed blocks stay with the process for reuse
-_DEFAULT_VIDEO_RATIO = 0.35
-_CHEAP_ANNOTATORS = {"annotator frames (canny)", "annotator frames (tile)"}  # read no weights: timed on the input's frames  # video.mp4 bytes per frame ÷ a rendered PNG frame (near-lossless H.264), until measured
+_DEFAULT_VIDEO_RATIO = 0.35  # video.mp4 bytes per frame ÷ a rendered PNG frame (near-lossless H.264), until measured
+_WEIGHTLESS_ANNOTATORS = ("canny", "tile")  # read no weights: timed and their PNGs sized on the input's own frames
+_CHEAP_ANNOTATORS = {f"annotator frames ({processor})" for processor in _WEIGHTLESS_ANNOTATORS}
 
 
 @dataclass
@@ -491,7 +492,7 @@ def _control_png(unit: dict, frames, png_source: float) -> float:
     """PNG bytes of a unit's annotation: computed on a few of its control frames for the annotators that read no weights;
     others are assumed to compress like the source frames."""
     processor = unit.get("processor_id")
-    if processor in ("canny", "tile"):
+    if processor in _WEIGHTLESS_ANNOTATORS:
         from ..controlnets.annotators import Annotator
 
         annotator = Annotator(processor, model_path=None, device="cpu")
@@ -633,7 +634,7 @@ def _default_costs(models, config, inputs, device, dtype, window, width, height,
         "neural annotator frames": C.per_megapixel("neural annotator frames", device, width, height) + files["png write"],
         "model loading": 0.5 + sum(_file_bytes(p) for p in config["models"]["model_list"]) / 400e6,
     }
-    for processor in ("canny", "tile"):
+    for processor in _WEIGHTLESS_ANNOTATORS:
         costs[f"annotator frames ({processor})"] = _cheap_annotator_seconds(processor, samples) + files["png write"]
     speed = ("an assumed GPU's speed (40 TFLOP/s fp16; this machine has no CUDA device to probe)" if probe.get("assumed")
              else "this device's probed speed")
