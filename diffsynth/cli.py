@@ -10,6 +10,7 @@ from collections import Counter
 import torch
 
 from .cache.previous import PREVIOUS_FOLDER
+from .data.output import VIDEO_FILE_NAMES
 from .utils.sizes import count_frame_files, human_bytes, human_seconds, path_bytes
 
 
@@ -20,11 +21,16 @@ def _parse_dtype(name: str | None) -> torch.dtype | None:
     return table[name]
 
 
+_MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pth", ".pt", ".bin", ".pkl", ".onnx", ".json")
+
+
 def cmd_info(args: argparse.Namespace) -> int:
-    """Detected family, dtype(s) and parameter count of a model file, read from its header."""
+    """A model file's family, dtype(s) and parameter count (from its header); a video's frames, exact rate and audio."""
     from .models.detect import detect
     from .models.state_dict import read_header
 
+    if os.path.isfile(args.file) and not args.file.lower().endswith(_MODEL_SUFFIXES):
+        return _video_info(args.file)
     if os.path.isdir(args.file):
         from .models.model_manager import ModelManager
 
@@ -49,6 +55,41 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"family:     {kind.family} ({kind.description}){'' if kind.supported else ' - NOT SUPPORTED: ' + kind.note}")
     print(f"dtype:      {', '.join(f'{d} ({n} tensors)' for d, n in dtypes.most_common())}")
     print(f"parameters: {count:,} in {len(header)} tensors")
+    return 0
+
+
+def _video_info(path: str) -> int:
+    """``diffsynth info VIDEO``: what the runner will read (frames that decode, exact rate) and the audio it will carry."""
+    from .data.media import probe_media, rate_text
+
+    from .data import UnreadableVideoError
+
+    try:
+        media = probe_media(path)  # decodes once to count the frames that decode: headers can claim more
+    except UnreadableVideoError as exc:
+        raise ValueError(f"{path} is neither a model file (by its extension) nor a video ffmpeg can read: {exc.detail}") from None
+    claimed = media.header_frames
+    frames = f"{media.decoded_frames} (decoded)"
+    if media.header_lies:
+        frames += f"; the header claims {claimed}: the file is truncated or damaged, and a render reads only the {media.decoded_frames}"
+    elif claimed is not None and claimed != media.decoded_frames:
+        frames += f"; the header says about {claimed}"
+    rate = rate_text(media.rate)
+    if media.variable:
+        low, high = media.rate_range
+        rate += f" average; VARIABLE frame rate ({low:.3f}-{high:.3f} fps): read as presented, written at the average rate"
+    print(f"file:       {path}")
+    print(f"video:      {media.codec}, {media.width}x{media.height}")
+    print(f"frames:     {frames}")
+    print(f"frame rate: {rate}")
+    duration = media.duration
+    print(f"duration:   {duration:.3f} s" if duration is not None else "duration:   unknown")
+    if media.container_duration is not None and duration is not None and abs(media.container_duration - duration) > 1.5 / float(media.rate or 30):
+        print(f"            (the container says {media.container_duration:.3f} s)")
+    if not media.audio:
+        print("audio:      none (a render of it is silent)")
+    for stream in media.audio:
+        print(f"audio #{stream.index}:   {stream.describe()}")
     return 0
 
 
@@ -149,8 +190,42 @@ def _render(config: dict, rerun_hint: str, config_dir: str | None = None, cluste
             cluster.report_error(f"{type(exc).__name__}: {exc}")
         raise
     if cluster is None or cluster.rank == 0:
-        print(f"done: {len(frames)} frames in {os.path.join(out, 'frames')}, {os.path.join(out, 'video.mp4')}")
+        video = (runner.last_plan or {}).get("output")
+        video = os.path.join(out, video.file_name) if video is not None and video.file_name else "no video (data.output.codec png)"
+        print(f"done: {len(frames)} frames in {os.path.join(out, 'frames')}, {video}")
     return 0
+
+
+def _render_batch(config: dict, pattern: str, config_dir: str, force: bool, hint: str) -> int:
+    """``run CONFIG --input GLOB|FOLDER``: each clip into OUTPUT/<clip name>/, models loaded once, then a summary table."""
+    from .pipelines.batch import BATCH_FILE, find_clips, run_batch
+    from .pipelines.config_paths import resolve_path
+    from .pipelines.runner import SDVideoPipelineRunner
+
+    clips = find_clips(pattern)
+    root = resolve_path(config["data"]["output_folder"], config_dir)[0]
+    print(f"{len(clips)} clip{'s' if len(clips) != 1 else ''} into {root}/<clip name>/", flush=True)
+    runner = SDVideoPipelineRunner(estimate=True, force=force, keep_models=True, on_estimate=lambda e: print(e.format() + "\n", flush=True))
+    results = []
+    try:
+        run_batch(config, clips, root, runner, config_dir=config_dir, on_clip=results.append)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted. Finished work is kept; run `{hint}` again to continue (finished clips are skipped).", file=sys.stderr)
+        _print_summary(root)
+        return 130
+    print()
+    _print_summary(root)
+    print(f"(also in {os.path.join(root, BATCH_FILE)})")
+    return 0 if all(r.status == "done" for r in results) else 1
+
+
+def _print_summary(root: str) -> None:
+    import json
+
+    from .pipelines.batch import BATCH_FILE, ClipResult, format_summary
+
+    with open(os.path.join(root, BATCH_FILE), encoding="utf-8") as f:
+        print(format_summary([ClipResult(**r) for r in json.load(f)["clips"]]))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -169,6 +244,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.force:
         worker_args += ["--force"]
     if args.nproc_per_node is not None:
+        if args.input is not None:
+            raise ValueError("--input and --nproc-per-node do not go together yet: a batch of clips renders in one process")
         if env_world_size() > 1:
             raise ValueError("--nproc-per-node starts the processes itself: under torchrun, leave it out")
         from .distributed.launch import launch
@@ -177,6 +254,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.max_restarts is not None:
         raise ValueError("--max-restarts goes with --nproc-per-node (under torchrun, give torchrun --max-restarts)")
     config_dir = os.path.dirname(os.path.abspath(args.config))
+    if args.input is not None:
+        if env_world_size() > 1:
+            raise ValueError("--input renders its clips in one process: run it without torchrun (or render each clip's config with --nproc-per-node)")
+        return _render_batch(config, args.input, config_dir, force=args.force, hint=f"{hint} --input {args.input!r}")
     if env_world_size() == 1:
         return _render(config, f"run `{hint}` again", config_dir=config_dir, force=args.force)
     cluster = Cluster.from_env(device=(config.get("models") or {}).get("device"), timeout=args.dist_timeout)
@@ -210,7 +291,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 
 
 _INTERMEDIATES = ("source_images", "controlnet_caches", "prompt", "latents", "smoothed", "smoother")
-_FINAL = ("frames", "video.mp4")
+_FINAL = ("frames", *VIDEO_FILE_NAMES)
 _RUN_FILES = ("manifest.json", "last_process_id.txt")
 
 
@@ -297,7 +378,8 @@ def stage_table(out: str, config: dict | None = None, check_keys: bool = True, c
     previous = os.path.join(out, PREVIOUS_FOLDER)
     kept = [os.path.join(previous, d) for d in sorted(os.listdir(previous)) if not d.startswith(".")] if os.path.isdir(previous) else []
     return {"out": out, "frames": n, "rows": rows, "last_done": manifest.last_done(), "key_problem": key_problem, "total_bytes": path_bytes(out),
-            "previous": [{"path": p, "bytes": path_bytes(p)} for p in kept], "distributed": manifest.data.get("distributed")}
+            "previous": [{"path": p, "bytes": path_bytes(p)} for p in kept], "distributed": manifest.data.get("distributed"),
+            "source": manifest.data.get("source")}
 
 
 def format_stage_table(table: dict) -> str:
@@ -311,6 +393,7 @@ def format_stage_table(table: dict) -> str:
                      f"{r['note']}".rstrip())
     if table["key_problem"]:
         lines.append(f"keys not checked: {table['key_problem']}")
+    lines += _source_lines(table.get("source"))
     shares = table.get("distributed")
     if shares:
         where = "" if shares.get("shared_folder", True) else "; output folders local to each machine, the final frames gathered in rank 0's"
@@ -324,6 +407,26 @@ def format_stage_table(table: dict) -> str:
     for kept in table.get("previous", []):
         lines.append(f"previous render kept: {kept['path']} ({human_bytes(kept['bytes'])}; `diffsynth clean {table['out']} --previous` removes it)")
     return "\n".join(lines)
+
+
+def _source_lines(source: dict | None) -> list[str]:
+    """The input as decoded and the video as written (the manifest's ``source`` record), and the warnings the run gave."""
+    if not source:
+        return []
+    lines = []
+    given = source.get("input")
+    if given:
+        decoded = given.get("decoded_frames")
+        claimed = given.get("header_frames")
+        counted = f"{decoded} decode" if decoded is not None else "not all counted (a frame range)"
+        lines.append(f"input: {given['path']}: {given.get('rate') or '?'} fps{' (variable, average)' if given.get('variable') else ''}, "
+                     f"header claims {claimed if claimed is not None else '?'} frames, {counted}; audio: {'; '.join(given.get('audio_streams') or []) or 'none'}")
+    audio = source.get("audio")
+    sound = f"audio from {os.path.basename(audio['path'])} {audio['start']:.3f}-{audio['start'] + audio['duration']:.3f} s" if audio else "no audio"
+    video = source.get("video") or "no video (PNG frames only)"
+    lines.append(f"output: {video}, {source.get('codec')}, {source.get('fps_text') or source.get('fps')}, {source.get('frames')} frames, {sound}")
+    lines += [f"warning: {note}" for note in source.get("notes") or []]
+    return lines
 
 
 def _comparison_lines(rows: list[dict]) -> list[str]:
@@ -505,8 +608,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"diffsynth {__version__} (torch {torch.__version__})")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("info", help="what a model file is: family, dtype, parameter count")
-    p.add_argument("file")
+    p = sub.add_parser("info", help="what a model file is (family, dtype, parameters), or a video (frames, exact frame rate, audio)")
+    p.add_argument("file", help="a model file or folder, or a video file")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("txt2img", help="render one image from a prompt")
@@ -529,6 +632,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="render a video from a runner config (.json or .yaml); rerun the same command to resume")
     p.add_argument("config", help="DiffSynth-Studio runner config: models, data, pipeline, smoother_configs")
     p.add_argument("--output-folder", default=None, metavar="DIR", help="render into DIR instead of the config's data.output_folder")
+    p.add_argument("--input", default=None, metavar="GLOB|FOLDER",
+                   help="render each clip (a glob in quotes, e.g. 'clips/*.mp4', or a folder of videos) with this config into OUTPUT/<clip name>/; "
+                        "models load once, each clip resumes on its own, a summary table follows")
     p.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
                    help="render on N processes of this machine (one per GPU), started by torchrun's launcher; see README 'Several GPUs or machines'")
     p.add_argument("--max-restarts", type=int, default=None, metavar="K", help="with --nproc-per-node: restart the processes up to K times when one dies")

@@ -205,26 +205,23 @@ def count_decodable_frames(path: str, limit: int | None = None) -> int:
 
 
 class FrameEncoder:
-    """An ffmpeg process that encodes raw RGB frames written to it into ``path`` (H.264, yuv420p).
+    """An ffmpeg process that encodes raw RGB frames written to it into ``path``.
 
     ``muxer`` names the container explicitly (``-f``), so ``path`` may be a temp name
-    without the right extension. ``quality`` follows imageio's scale (1-10, 10 best;
-    ``crf = int((1 - quality/10) * 51)``) so the original's ``quality=9`` means the same;
-    None leaves libx264's default. ``ffmpeg_params`` come last and so override ours.
-    Frames must be C-contiguous ``(height, width, 3)`` uint8 arrays with even sides.
+    without the right extension. ``output_args`` are the encoder's options (codec, rate
+    control, pixel format, colour tags: ``diffsynth.data.output.OutputOptions.video_args``);
+    ``extra_inputs`` are more inputs after the frames, as ffmpeg options (a GIF's palette: ``-f png_pipe -i PATH``).
+    Frames must be C-contiguous ``(height, width, 3)`` uint8 arrays of the given size.
     ffmpeg's log goes to a temp file (no pipe to drain) and is quoted in errors.
     """
 
-    def __init__(self, path: str, muxer: str, width: int, height: int, fps: float | Fraction,
-                 quality: float | None = 9, ffmpeg_params: list[str] | None = None, name: str | None = None):
+    def __init__(self, path: str, muxer: str, width: int, height: int, fps: float | Fraction, output_args: list[str],
+                 name: str | None = None, extra_inputs: list[str] | None = None):
         self.name = name or path  # what error messages call the file (the final name, not the temp one)
         rate = Fraction(fps).limit_denominator(1_000_000) if not isinstance(fps, Fraction) else fps
         cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-v", "error", "-y",
-               "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}", "-r", str(rate), "-i", "-",
-               "-an", "-vcodec", "libx264", "-pix_fmt", "yuv420p"]
-        if quality is not None:
-            cmd += ["-crf", str(int((1 - quality / 10) * 51))]
-        cmd += [*(ffmpeg_params or []), "-f", muxer, path]
+               "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}", "-r", str(rate), "-i", "-"]
+        cmd += [*(extra_inputs or []), "-an", *output_args, "-f", muxer, path]
         self._log = tempfile.TemporaryFile()
         self._process = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._log)
 

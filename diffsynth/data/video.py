@@ -28,6 +28,7 @@ stops there.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import logging
 import operator
@@ -80,6 +81,7 @@ class LowMemoryVideo:
         self.recent_frames = recent_frames
         self._length: int | None = None  # exact decodable frame count, once known
         self._known_good = 0  # frames 0 .. _known_good-1 are known to decode
+        self._media = None  # probe_media's answer, once asked (media())
         self.info: VideoInfo = probe_video(path)  # validates the file now; no decoder runs until the first read
         self._init_runtime_state()
 
@@ -141,6 +143,18 @@ class LowMemoryVideo:
             if self._stream is None or self._cheaper_to_restart(self._stream.position, index):
                 self._restart_at(index)
             return self._decode_forward_to(index)
+
+    def media(self):
+        """What the file holds (:class:`~diffsynth.data.media.MediaInfo`: exact frame rate, timestamps, audio streams),
+        probed once (no decode: the decoded count is the one :meth:`__len__` found, if it ran)."""
+        with self._lock:
+            if self._media is None:
+                from .media import probe_media
+
+                self._media = probe_media(self.file_name, count=False, decoded_frames=self._length)
+            elif self._media.decoded_frames is None and self._length is not None:
+                self._media = dataclasses.replace(self._media, decoded_frames=self._length)
+            return self._media
 
     def close(self) -> None:
         """Stop the decoder and drop cached frames; the next read reopens the file."""
@@ -268,6 +282,10 @@ class LowMemoryImageFolder:
     def __getitem__(self, index: int) -> Image.Image:
         return load_image(self.file_list[index])
 
+    def media(self) -> None:
+        """An image folder has no timestamps or audio."""
+        return None
+
     def close(self) -> None:
         """Nothing to release (files are closed after each read); here for a uniform interface."""
 
@@ -370,6 +388,15 @@ class VideoData:
     def fps(self) -> float | None:
         """Frame rate of a video file (from its header); None for image folders."""
         return self._source.fps
+
+    def media(self):
+        """The source video's :class:`~diffsynth.data.media.MediaInfo` (frame rate, timestamps, audio); None for image folders."""
+        return self._source.media()
+
+    @property
+    def first_frame(self) -> int:
+        """Index in the source of this view's frame 0 (a range's ``start``)."""
+        return self._start
 
     def shape(self) -> tuple[int, int]:
         """``(height, width)`` of the frames this object returns."""

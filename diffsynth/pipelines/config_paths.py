@@ -64,6 +64,8 @@ def _path_slots(config: dict):
                 yield f"{key}.{name}", spec, name
     if data.get("output_folder"):
         yield "data.output_folder", data, "output_folder"
+    if isinstance(data.get("audio"), (str, os.PathLike)) and data.get("audio"):
+        yield "data.audio", data, "audio"
     for k, entry in enumerate(config.get("smoother_configs") or []):
         options = entry.get("config") if isinstance(entry, dict) else None
         if isinstance(options, dict) and options.get("cache_folder"):

@@ -12,10 +12,13 @@ from __future__ import annotations
 import copy
 import os
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 from ..controlnets.annotators import PROCESSOR_IDS
 from ..controlnets.annotators.files import depth_alternative, identify_annotator_file, needed_files
 from ..data import UnreadableVideoError, VideoData
+from ..data.media import MediaInfo, rate_text
+from ..data.output import AudioClip, OutputOptions, output_problems
 from ..models.detect import detect
 from ..models.errors import ModelFileError
 from ..models.state_dict import read_header
@@ -69,6 +72,11 @@ class Checked:
     annotator_files: dict[str, str] = field(default_factory=dict)  # file name -> path, the files stage 1 reads
     headers: dict[str, dict] = field(default_factory=dict)  # model file -> its tensors' shapes and dtypes (for the estimate)
     opened: dict[tuple, VideoData] = field(default_factory=dict)  # (path, is video, height, width) -> reader
+    media: MediaInfo | None = None  # the input video's streams and timestamps (None: an image folder)
+    fps: Fraction | None = None  # the finished video's frame rate
+    output: OutputOptions | None = None  # data.output with its defaults
+    audio: AudioClip | None = None  # the finished video's audio (None: silent)
+    notes: list[str] = field(default_factory=list)  # what a user should know about the source and the output (warned, recorded)
 
     def add(self, key: str, message: str, remedy: str, origin: PathOrigin | None = None) -> None:
         self.problems.append(Problem(key, message, remedy, origin))
@@ -216,7 +224,10 @@ def open_frames(spec, key: str, origins: dict[str, PathOrigin], checked: Checked
             checked.add(f"{key}.{name}", f"must be a positive multiple of 8, got {value!r}; nearest valid: {nearest}", f"set it to {nearest}")
             bad = True
     start, end = spec.get("start_frame_id") or 0, spec.get("end_frame_id")
-    if not isinstance(start, int) or start < 0 or (end is not None and (not isinstance(end, int) or end <= start)):
+    times = {name: spec[name] for name in ("start_time", "end_time") if spec.get(name) is not None}
+    if times:
+        bad = _check_times(spec, times, key, checked) or bad
+    elif not isinstance(start, int) or start < 0 or (end is not None and (not isinstance(end, int) or end <= start)):
         checked.add(f"{key}.start_frame_id/end_frame_id", f"[{start}, {end}) is not a frame range",
                     "give 0 <= start_frame_id < end_frame_id (integers), or end_frame_id null for 'to the end'")
         bad = True
@@ -241,6 +252,12 @@ def open_frames(spec, key: str, origins: dict[str, PathOrigin], checked: Checked
         video = checked.opened[opened]
         if bad:
             return None
+        if times:
+            selected = _frames_of_times(video, times, key, path, checked)
+            if selected is None:
+                return None
+            start, end = selected
+            spec["start_frame_id"], spec["end_frame_id"] = start, end  # the frames the times select: what the cache keys name
         frames = video.range(start, end)
         count = len(frames)
     except UnreadableVideoError as exc:
@@ -261,6 +278,47 @@ def open_frames(spec, key: str, origins: dict[str, PathOrigin], checked: Checked
     # A second spec of the same source gets its own decoder (readers of different regions would keep restarting
     # each other), copied with the frame count already known.
     return copy.deepcopy(frames) if shared else frames
+
+
+def _check_times(spec: dict, times: dict, key: str, checked: Checked) -> bool:
+    """Whether ``start_time``/``end_time`` are wrong (the problems added): seconds, in order, not mixed with frame ids, on a video."""
+    bad = False
+    for name, value in times.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            checked.add(f"{key}.{name}", f"must be a number of seconds >= 0, got {value!r}", "give seconds from the start of the video, e.g. 12.5")
+            bad = True
+    if not bad and "end_time" in times and times["end_time"] <= times.get("start_time", 0):
+        checked.add(f"{key}.start_time/end_time", f"[{times.get('start_time', 0)}, {times['end_time']}) s is not a time range", "give end_time > start_time")
+        bad = True
+    mixed = [f"{name} and {frame_name}" for name, frame_name in (("start_time", "start_frame_id"), ("end_time", "end_frame_id"))
+             if name in times and spec.get(frame_name) not in (None, 0 if frame_name == "start_frame_id" else None)]
+    if mixed:
+        checked.add(key, f"gives both {mixed[0]}", "select the frames either by time (start_time/end_time, seconds) or by frame id, not both")
+        bad = True
+    if spec.get("image_folder"):
+        checked.add(key, "selects frames by time, but an image folder has no timestamps", "use start_frame_id/end_frame_id for an image folder")
+        bad = True
+    return bad
+
+
+def _frames_of_times(video: VideoData, times: dict, key: str, path: str, checked: Checked) -> tuple[int, int | None] | None:
+    """The frame range ``[start, end)`` that ``start_time``/``end_time`` select, by the video's timestamps (None: a problem added)."""
+    media = video.media()
+    length = media.duration
+    start = media.frame_at(times.get("start_time", 0))
+    end = media.frame_at(times["end_time"]) if "end_time" in times else None
+    if length is not None and times.get("start_time", 0) >= length:
+        checked.add(f"{key}.start_time", f"is {times['start_time']} s, at or past the end of {path} ({length:.3f} s)", "choose a time inside the video")
+        return None
+    if end is not None and length is not None and times["end_time"] > length + 1e-6:
+        checked.add(f"{key}.end_time", f"is {times['end_time']} s, past the end of {path} ({length:.3f} s)",
+                    f"set end_time to {length:.3f} or less, or leave it out for 'to the end'")
+        return None
+    if end is not None and end <= start:
+        checked.add(f"{key}.start_time/end_time", f"[{times.get('start_time', 0)}, {times['end_time']}) s holds no frame of {path}",
+                    f"widen the range: frames come every {1 / float(media.rate or 1):.4f} s")
+        return None
+    return start, end
 
 
 def _check_frames(config: dict, origins: dict[str, PathOrigin], checked: Checked) -> None:
@@ -324,6 +382,106 @@ def _check_output(config: dict, origins: dict[str, PathOrigin], checked: Checked
                     "choose an empty or new output folder: clear_output_folder would delete everything in it")
 
 
+def _check_finish(config: dict, origins: dict[str, PathOrigin], checked: Checked) -> None:
+    """The finished video: its frame rate (``data.fps``, else the source's exact rate), format (``data.output``), audio (``data.audio``)."""
+    data = config["data"]
+    for key, message, remedy in output_problems(data.get("output")):
+        checked.add(key, message, remedy)
+    output = OutputOptions.from_config(data.get("output")) if not output_problems(data.get("output")) else None
+    checked.output = output
+    source = checked.source
+    media = source.media() if source is not None else None
+    checked.media = media
+    spec = data.get("input_frames") if isinstance(data.get("input_frames"), dict) else {}
+    name = os.path.basename(spec.get("video_file") or spec.get("image_folder") or "the input")
+    if media is not None and media.header_lies:
+        checked.notes.append(f"{name}: its header claims {media.header_frames} frames but only {media.decoded_frames} decode; "
+                             f"the render uses those {media.decoded_frames} (the file may be truncated or damaged)")
+    fps = data.get("fps")
+    if fps is not None:
+        rate = _rate(fps)
+        if rate is None:
+            checked.add("data.fps", f"must be a frame rate > 0 (a number or a fraction like \"30000/1001\"), got {fps!r}",
+                        "give the finished video's frame rate, or leave data.fps out for the source's own")
+            return
+    elif media is not None and media.rate is not None:
+        rate = media.rate
+    else:
+        rate = Fraction(30)
+        checked.notes.append(f"{name} has no frame rate (an image folder): the video is written at 30 fps; set data.fps to choose")
+    checked.fps = rate
+    if media is not None and media.variable:
+        low, high = media.rate_range
+        checked.notes.append(f"{name} has a variable frame rate ({low:.3f}-{high:.3f} fps): its frames are read as presented, each once, "
+                             f"and written at {'data.fps = ' + rate_text(rate) if fps is not None else 'its average rate ' + rate_text(rate)}")
+    if source is None:
+        return
+    checked.audio = _audio(data, origins, checked, media, source, rate, name)
+
+
+def _rate(value) -> Fraction | None:
+    """``data.fps`` as an exact rate: a fraction string ("30000/1001") as written; a number snapped to the NTSC rate it
+    stands for (29.97 -> 30000/1001, within 0.01%)."""
+    from ..data.media import _snap
+
+    if isinstance(value, bool):
+        return None
+    try:
+        rate = Fraction(value) if isinstance(value, str) else _snap(Fraction(str(value)), Fraction(1, 10**4))
+    except (ValueError, ZeroDivisionError, TypeError):
+        return None
+    return rate if rate > 0 else None
+
+
+def _audio(data: dict, origins: dict[str, PathOrigin], checked: Checked, media: MediaInfo | None, source: VideoData,
+           rate: Fraction, name: str) -> AudioClip | None:
+    """The audio the finished video carries (None: silent), cut to the rendered frames' time on the source's timeline."""
+    choice = data.get("audio", True)
+    output = checked.output
+    if choice is False or choice is None:
+        return None
+    if choice is not True and not isinstance(choice, (str, os.PathLike)):
+        checked.add("data.audio", f"must be true, false or the path of a file with audio, got {choice!r}",
+                    "leave it out (the source's audio), false (silent), or a file whose audio to use")
+        return None
+    explicit = choice is not True
+    if output is not None and not output.carries_audio:
+        if explicit:
+            checked.add("data.audio", f"names {choice}, but data.output.codec {output.codec} carries no audio",
+                        "use a video codec (h264, h265, vp9, prores), or remove data.audio")
+        return None
+    n = len(source)
+    first = source.first_frame
+    duration = Fraction(n) / rate
+    if explicit:
+        path = os.fspath(choice)
+        if not os.path.isfile(path):
+            checked.add("data.audio", "file not found", "put the file there or correct the path", origins.get("data.audio"))
+            return None
+        try:
+            from ..data.media import probe_media
+
+            streams = probe_media(path, count=False).audio
+        except UnreadableVideoError as exc:
+            streams, problem = (), exc.detail
+        else:
+            problem = None if streams else "it has no audio stream"
+        if problem is not None:
+            checked.add("data.audio", f"cannot take audio from {path}: {problem}", "give a video or audio file that has sound, or false for none",
+                        origins.get("data.audio"))
+            return None
+        start = media.frame_time(first) if media is not None else Fraction(first) / rate
+        return AudioClip(path=path, start=start, duration=duration, note=f"audio of {os.path.basename(path)} from {float(start):.3f} s")
+    if media is None or not media.audio:
+        return None  # an image folder, or a source without sound: a silent video, no error
+    if media.rate is not None and abs(rate - media.rate) > media.rate * Fraction(1, 1000):
+        checked.notes.append(f"data.fps {rate_text(rate)} differs from {name}'s {rate_text(media.rate)}: the video plays at another speed "
+                             "than the source, and its audio (cut to the video's length) drifts from the picture; "
+                             "set data.audio to false for none, or leave data.fps out")
+    start = media.source_time(first)
+    return AudioClip(path=media.path, start=start, duration=duration, note=f"audio of {name} from {float(start):.3f} s")
+
+
 def check_config(config: dict, origins: dict[str, PathOrigin]) -> Checked:
     """Run every check on a config whose paths are resolved (``config_paths.resolve_config_paths``)."""
     checked = Checked()
@@ -336,6 +494,7 @@ def check_config(config: dict, origins: dict[str, PathOrigin]) -> Checked:
     _check_frames(config, origins, checked)
     _check_smoothers(config, checked)
     _check_output(config, origins, checked)
+    _check_finish(config, origins, checked)
     if not isinstance(config["pipeline"].get("pipeline_inputs"), dict) or "prompt" not in config["pipeline"]["pipeline_inputs"]:
         checked.add("pipeline.pipeline_inputs.prompt", "is missing", "give the prompt")
     return checked

@@ -46,6 +46,7 @@ from ..cache.stores import other_writers
 from ..cache.identity import IDENTITY_VERSION, content_identity, legacy_identity, save_fingerprints
 from ..cache.manifest import STAGES, Manifest, stable_hash
 from ..cache.previous import PREVIOUS_FOLDER, keep_previous
+from ..data.output import VIDEO_FILE_NAMES
 from ..controlnets import ControlNetConfigUnit
 from ..distributed import Cluster, ClusterError, Layout, rank_share
 from ..estimate.meter import Meter
@@ -245,16 +246,17 @@ def _io_error(where: str, out: str, exc: OSError, num_frames: int | None = None)
                     f"Free disk space there and {remedy}")
 
 
-_FINAL_OUTPUT = ("frames", "video.mp4")  # a finished render: never deleted by a rerun, only moved to previous/
+_FINAL_OUTPUT = ("frames", *VIDEO_FILE_NAMES)  # a finished render: never deleted by a rerun, only moved to previous/
 
 
 def _keep_previous(out: str, manifest: Manifest, names: list[str]) -> str | None:
     """Move a finished render's ``names`` to ``out/previous/<time>/`` (``cache.previous``).
 
-    Finished: ``video.mp4`` exists or stage 8 finished writing ``frames/``; an unfinished
+    Finished: its video (``video.mp4``, or another ``data.output`` format's) exists or stage 8 finished writing ``frames/``; an unfinished
     render's frames are intermediates of the abandoned config and are deleted as such.
     """
-    finished = os.path.isfile(os.path.join(out, "video.mp4")) or manifest.data["stages"].get("8", {}).get("status") == "done"
+    finished = (any(os.path.isfile(os.path.join(out, name)) for name in VIDEO_FILE_NAMES)
+                or manifest.data["stages"].get("8", {}).get("status") == "done")
     return keep_previous(out, names, finished)
 
 
@@ -275,17 +277,24 @@ def _check_device(device: str) -> None:
 
 class SDVideoPipelineRunner:
     def __init__(self, in_streamlit: bool = False, progress_callback: ProgressCallback | None = None, progress_bar_cmd: Callable | None = tqdm,
-                 cluster: Cluster | None = None, estimate: bool = False, force: bool = False, on_estimate: Callable | None = None):
+                 cluster: Cluster | None = None, estimate: bool = False, force: bool = False, on_estimate: Callable | None = None,
+                 keep_models: bool = False):
         """``cluster``: the processes of a run on several (``Cluster.from_env()`` under torchrun); None: one process.
 
         ``estimate``: estimate disk, RAM, device memory and time first (``diffsynth.estimate``; the CLI and the
         WebUI do), hand it to ``on_estimate`` and keep it in the manifest; a disk estimate over the free space
         stops the run before anything is written unless ``force``. A config with ``vram_limit_level: "auto"``
         is always estimated (that is how the setting is chosen). Every run measures itself either way.
+
+        ``keep_models``: keep the loaded models (on their device) after a run, for the next run of this runner with the
+        same ``models`` section (many clips, one config: ``pipelines.batch``); :meth:`release_models` lets them go.
         """
         self.in_streamlit = in_streamlit
+        self.keep_models = keep_models
+        self._loaded: tuple[str, SDVideoPipeline, ModelManager] | None = None  # (models section's hash, pipeline, manager)
         self.estimate, self.force, self.on_estimate = estimate, force, on_estimate
         self.last_estimate = None
+        self.last_plan: dict | None = None  # the last run's plan (its output file name, frame rate, audio)
         self.cluster = cluster if cluster is not None else Cluster.solo()
         self.progress_callback = progress_callback if self.cluster.rank == 0 else None
         self.progress_bar_cmd = progress_bar_cmd if self.cluster.rank == 0 else None
@@ -309,7 +318,8 @@ class SDVideoPipelineRunner:
         config["pipeline"]["pipeline_inputs"].update(num_frames=len(source), width=width, height=height)
         written["pipeline"]["pipeline_inputs"].update(num_frames=len(source), width=width, height=height)
         return {"config": config, "written": written, "origins": origins, "annotator_files": checked.annotator_files,
-                "source": source, "controls": checked.controls, "families": checked.families, "headers": checked.headers, "width": width, "height": height, "num_frames": len(source)}
+                "source": source, "controls": checked.controls, "families": checked.families, "headers": checked.headers, "width": width, "height": height, "num_frames": len(source),
+                "media": checked.media, "fps": checked.fps, "output": checked.output, "audio": checked.audio, "notes": checked.notes}
 
     # ------------------------------------------------------------------ keys
     @staticmethod
@@ -364,7 +374,11 @@ class SDVideoPipelineRunner:
         k6 = stable_hash({"stage": 6, "k5": k5, "k0": k0, "smoother": smoother if final else None})
         k7 = stable_hash({"stage": 7, "k6": k6})
         k8 = stable_hash({"stage": 8, "k7": k7})
-        k9 = stable_hash({"stage": 9, "k8": k8, "fps": data.get("fps", 30)})
+        if legacy:
+            k9 = stable_hash({"stage": 9, "k8": k8, "fps": data.get("fps", 30)})
+        else:  # the finished video: its rate, format and audio (changing only these re-encodes it, nothing else)
+            audio = plan["audio"].as_key(content_identity) if plan.get("audio") is not None else None
+            k9 = stable_hash({"stage": 9, "k8": k8, "fps": str(plan["fps"]), "output": plan["output"].as_key(), "audio": audio})
         if not legacy:
             save_fingerprints()
         return {0: k0, 1: k1, 2: k2, 3: k3, 4: k4, 5: k5, 6: k6, 7: k7, 8: k8, 9: k9}
@@ -380,10 +394,14 @@ class SDVideoPipelineRunner:
         """
         cluster = self.cluster
         plan = self._prepare_everywhere(config, config_dir)
+        self.last_plan = plan
         config = plan["config"]
         data = config["data"]
         out = data["output_folder"]
         keys = self._keys_everywhere(plan)
+        if cluster.rank == 0:
+            for note in plan["notes"]:
+                logger.warning("%s", note)
         estimate = self._estimate_first(plan, keys)
         try:  # these write too: a full disk here is reported like one inside a stage
             os.makedirs(out, exist_ok=True)
@@ -398,6 +416,7 @@ class SDVideoPipelineRunner:
                 else:
                     self._invalidate_changed(manifest, keys, out)
                 self._save_config(config, out)
+                self._record_source(manifest, plan)
                 if cluster.world > 1:
                     _remove_temp_files_below(out)  # a killed run's; from now on other processes write here too
                     self._record_shares(manifest, plan)
@@ -410,7 +429,8 @@ class SDVideoPipelineRunner:
             manifest = Manifest(out, writable=cluster.folder_leader)
             manifest.data = cluster.broadcast(manifest.data)  # rank 0's record decides, on every rank
         frames = image_store(os.path.join(out, "frames"), plan["num_frames"], size=(plan["width"], plan["height"]))
-        finished = manifest.is_done(9, keys[9]) and os.path.isfile(os.path.join(out, "video.mp4")) and frames.complete()
+        video = plan["output"].file_name
+        finished = manifest.is_done(9, keys[9]) and (video is None or os.path.isfile(os.path.join(out, video))) and frames.complete()
         if cluster.broadcast(finished):  # rank 0's folder holds the render
             logger.info("%s is complete and up to date; nothing to do", out)
             if self.progress_callback is not None:
@@ -454,8 +474,15 @@ class SDVideoPipelineRunner:
             stage.run(ctx)
             if meter is not None:
                 meter.sample()
-        ctx.model_manager.to("cpu")
+        if ctx.model_manager is not None and not self.keep_models:
+            ctx.model_manager.to("cpu")
         return VideoFrames(ctx.frames)
+
+    def release_models(self) -> None:
+        """Let go of models kept loaded by ``keep_models`` (moved to the CPU first, freeing the device's memory)."""
+        if self._loaded is not None:
+            self._loaded[2].to("cpu")
+            self._loaded = None
 
     # ------------------------------------------------------------------ estimates
     def _estimate_first(self, plan: dict, keys: dict[int, str]):
@@ -505,6 +532,23 @@ class SDVideoPipelineRunner:
         device = str(self.cluster.device(plan["config"]["models"].get("device")))
         _check_device(device)  # before estimating for a device that is not there
         return estimate_plan(plan, device=device, world=self.cluster.world, manifest=Manifest(out, writable=False), keys=keys)
+
+    @staticmethod
+    def _record_source(manifest: Manifest, plan: dict) -> None:
+        """What the input holds and how the video is written, in the manifest (``diffsynth status`` shows it): frames that
+        decode vs the header's claim, the exact rates, the audio, and the notes the run warned about."""
+        from ..data.media import rate_text
+
+        media, audio, output = plan["media"], plan["audio"], plan["output"]
+        record = {"frames": plan["num_frames"], "fps": str(plan["fps"]), "fps_text": rate_text(plan["fps"]),
+                  "video": output.file_name, "codec": output.codec, "notes": list(plan["notes"]),
+                  "audio": None if audio is None else {"path": audio.path, "start": float(audio.start), "duration": float(audio.duration)}}
+        if media is not None:
+            record["input"] = {"path": media.path, "decoded_frames": media.decoded_frames, "header_frames": media.header_frames,
+                               "rate": None if media.rate is None else str(media.rate), "variable": media.variable,
+                               "audio_streams": [stream.describe() for stream in media.audio]}
+        manifest.data["source"] = record
+        manifest.save()
 
     @staticmethod
     def _keep_estimate(manifest: Manifest, estimate) -> None:
@@ -682,6 +726,18 @@ class SDVideoPipelineRunner:
         return {stage.id: stage.units_done(view, manifest, keys[stage.id]) for stage in STAGE_TABLE}
 
     def _load_pipeline(self, config: dict) -> tuple[SDVideoPipeline, ModelManager]:
+        """The pipeline of ``config["models"]``: loaded, or (``keep_models``) the one the last run loaded from the same section."""
+        models = config["models"]
+        key = stable_hash({"models": models, "identities": [content_identity(p) for p in models["model_list"]]}) if self.keep_models else None
+        if self._loaded is not None and self._loaded[0] == key:
+            return self._loaded[1], self._loaded[2]
+        self.release_models()
+        pipe, model_manager = self._build_pipeline(config)
+        if self.keep_models:
+            self._loaded = (key, pipe, model_manager)
+        return pipe, model_manager
+
+    def _build_pipeline(self, config: dict) -> tuple[SDVideoPipeline, ModelManager]:
         models = config["models"]
         device = self.cluster.device(models.get("device"))  # cuda -> cuda:LOCAL_RANK on several processes
         _check_device(str(device))

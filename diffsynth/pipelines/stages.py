@@ -22,6 +22,8 @@ import torch
 from ..cache import Prefetcher, WriteBehind, image_store, tensor_store
 from ..cache.manifest import STAGE_NAMES, Manifest
 from ..data import save_video
+from ..data.media import rate_text
+from ..data.output import VIDEO_FILE_NAMES
 from ..progress import ProgressEvent
 from ..prompts import BeautifulPrompt
 from ..schedulers.ddim import ddim_timesteps
@@ -492,25 +494,46 @@ class SmootherOutput(Stage):
             shutil.rmtree(os.path.join(ctx.out, "smoother"))  # FastBlend's cache: its results are in frames/ (or the latents)
 
 
+def _video_name(view: StageView) -> str | None:
+    """The finished video's file name by the view's ``data.output`` (None: PNG frames only); the default name if the options are wrong."""
+    from ..data.output import OutputOptions, output_problems
+
+    options = (view.config.get("data") or {}).get("output")
+    return "video.mp4" if output_problems(options) else OutputOptions.from_config(options).file_name
+
+
 class VideoEncode(Stage):
-    id, deletes = 9, ("video.mp4",)
+    """The finished video (``data.output``: codec, quality; the source's exact frame rate unless ``data.fps``; its audio)."""
+
+    id, deletes = 9, VIDEO_FILE_NAMES
 
     def files(self, view):
-        return ["video.mp4"]
+        name = _video_name(view)
+        return [name] if name else []
 
     def work(self, view):
-        return {"frames encoded": view.n}
+        return {"frames encoded": view.n} if _video_name(view) else {}
 
     def run(self, ctx):
         if ctx.cluster.rank != 0:  # the video is encoded once, by rank 0
             return
         ctx.progress.set_stage(9, self.name)
-        video_path = os.path.join(ctx.out, "video.mp4")
+        output = ctx.plan["output"]
+        if output.file_name is None:
+            if not ctx.manifest.is_done(9, ctx.keys[9]):
+                ctx.manifest.begin(9, ctx.keys[9])
+                ctx.manifest.finish(9, ctx.keys[9], bytes=0, note="PNG frames only (data.output.codec png): frames/ is the result")
+            ctx.progress.finish_stage(9)
+            return
+        video_path = os.path.join(ctx.out, output.file_name)
         if not (ctx.manifest.is_done(9, ctx.keys[9]) and os.path.isfile(video_path)):
             ctx.manifest.begin(9, ctx.keys[9])
-            _remove_temp_files(ctx.out, "video.mp4")
-            save_video(VideoFrames(ctx.frames), video_path, fps=ctx.config["data"].get("fps", 30), progress_bar_cmd=ctx.progress.each)
-            ctx.manifest.finish(9, ctx.keys[9], bytes=os.path.getsize(video_path))
+            _remove_temp_files(ctx.out, output.file_name)
+            audio = ctx.plan["audio"]
+            save_video(VideoFrames(ctx.frames), video_path, fps=ctx.plan["fps"], output=output, audio=audio,
+                       progress_bar_cmd=ctx.progress.each)
+            note = f"{rate_text(ctx.plan['fps'])}, {output.codec}, " + (audio.note if audio is not None else "no audio")
+            ctx.manifest.finish(9, ctx.keys[9], bytes=os.path.getsize(video_path), note=note)
         ctx.progress.finish_stage(9)
 
 

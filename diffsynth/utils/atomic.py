@@ -31,6 +31,7 @@ __all__ = [
     "TEMP_SUFFIX",
     "is_temp_name",
     "atomic_path",
+    "scratch_path",
     "atomic_open",
     "atomic_write_bytes",
     "atomic_write_text",
@@ -75,6 +76,21 @@ def atomic_path(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[str]
         raise
     if fsync:
         _fsync_folder(folder)
+
+
+@contextlib.contextmanager
+def scratch_path(path: str | os.PathLike) -> Iterator[str]:
+    """Yield a temporary path next to ``path`` (a name :func:`is_temp_name` knows), removed at the end whatever happens.
+
+    For a step before the final file (a video encoded before its audio is muxed in): it never
+    replaces anything, and a kill leaves a name that cleaning up recognises.
+    """
+    target = os.fspath(path)
+    tmp = _create_temp(_existing_folder(target), os.path.basename(target))
+    try:
+        yield tmp
+    finally:
+        _remove_if_present(tmp)
 
 
 @contextlib.contextmanager
