@@ -52,9 +52,25 @@ def test_environment_yml_matches_pyproject():
     assert not any("cupy" in dep for dep in pip_section)  # optional GPU extra only
 
 
-def test_transformers_stays_below_5_6():
-    (transformers,) = [d for d in _pyproject()["project"]["dependencies"] if d.startswith("transformers")]
-    assert "<5.6" in transformers
+def _specifiers(requirements, distribution):
+    """The version specifiers (``>=4.40``, ``<5.6`` ...) of ``distribution`` in a requirement list."""
+    (requirement,) = [r for r in requirements if re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0].strip().lower() == distribution]
+    return [s.strip() for s in requirement[len(distribution):].split(";")[0].split(",") if s.strip()]
+
+
+def test_runtime_transformers_has_no_upper_bound():
+    # The engine works with current transformers: a cap here would make pip downgrade a user's newer one.
+    specifiers = _specifiers(_pyproject()["project"]["dependencies"], "transformers")
+    assert ">=4.40" in specifiers
+    upper = [s for s in specifiers if s.startswith(("<", "~=", "==", "==="))]
+    assert not upper, f"runtime transformers requirement carries an upper bound {upper}; pin it in the test extra instead"
+
+
+def test_test_extra_keeps_transformers_below_5_6_for_the_references():
+    # transformers 5.6 flattened CLIPTextModel (no `.text_model`), which breaks the diffusers reference pipelines.
+    project = _pyproject()["project"]
+    assert "<5.6" in _specifiers(project["optional-dependencies"]["test"], "transformers")
+    assert "diffusers==0.42.1" in project["optional-dependencies"]["test"]
 
 
 def test_test_references_are_pinned_for_no_deps_install():
