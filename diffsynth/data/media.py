@@ -73,6 +73,8 @@ class MediaInfo:
     time_base: Fraction = Fraction(1)
     timestamps: tuple[int, ...] = field(default=(), repr=False)  # presentation times in ``time_base`` units, sorted
     rate_range: tuple[float, float] | None = None  # slowest and fastest instantaneous rate of a variable-rate clip
+    pix_fmt: str | None = None  # the video's pixel format as ffmpeg names it (yuv420p)
+    color: str | None = None  # its colour tags as ffmpeg prints them ("tv, bt709"), None when untagged
 
     @property
     def header_frames(self) -> int | None:
@@ -177,13 +179,14 @@ def probe_media(path: str, count: bool = True, decoded_frames: int | None = None
             duration=_stream_duration(packets.get(index, []), Fraction(header["tb"])) if "tb" in header else None))
     if count and decoded_frames is None:
         decoded_frames = count_decodable_frames(path)
+    pix_fmt, color = _pixel_format(described.get(min((i for i, st in streams.items() if st.get("media_type") == "video"), default=0), ""))
     match = _DURATION.search(log)
     container_duration = int(match[1]) * 3600 + int(match[2]) * 60 + float(match[3]) if match else None
     start = _START.search(log)
     return MediaInfo(path=path, width=width, height=height, codec=video.get("codec_id", "?"), rate=rate, variable=variable,
                      packets=len(video_packets), container_duration=container_duration, start=float(start[1]) if start else 0.0,
                      audio=tuple(audio), decoded_frames=decoded_frames, time_base=time_base, timestamps=tuple(timestamps),
-                     rate_range=rate_range)
+                     rate_range=rate_range, pix_fmt=pix_fmt, color=color)
 
 
 def _stream_headers(listing: str) -> dict[int, dict[str, str]]:
@@ -245,6 +248,16 @@ def _frame_rate(timestamps: list[int], packets: list[tuple[int, int]], time_base
     if high - low <= 1 or high <= low * Fraction(101, 100):  # one tick of jitter, or under 1%: a constant rate
         return _snap(average, tolerance), False, None
     return _snap(average, tolerance), True, (float(1 / (high * time_base)), float(1 / (low * time_base)))
+
+
+def _pixel_format(description: str) -> tuple[str | None, str | None]:
+    """("yuv420p", "tv, bt709") from ffmpeg's "Video: h264 (High) (...), yuv420p(tv, bt709, progressive), 64x48" line."""
+    after = description.split("Video:", 1)[-1]
+    found = re.search(r"\), ([a-z0-9_]+)(?:\(([^)]*)\))?, \d+x\d+", after) or re.search(r", ([a-z0-9_]+)(?:\(([^)]*)\))?, \d+x\d+", after)
+    if not found:
+        return None, None
+    tags = [t.strip() for t in (found[2] or "").split(",") if t.strip() and t.strip() not in ("progressive", "top first", "bottom first")]
+    return found[1], ", ".join(tags) or None
 
 
 def _channels(layout: str | None, description: str) -> int | None:

@@ -103,7 +103,9 @@ def run_batch(config: dict, clips: list[str], root: str, runner, config_dir: str
                 result.status, result.seconds = "interrupted", time.monotonic() - began
                 raise
             except (RunError, PreflightError, ValueError, OSError) as exc:  # this clip's problem: the next one starts
-                result.status, result.error = "failed", str(exc)
+                result.status = "failed"
+                # the summary's one line: the checks' problems themselves (their remedies are in the log above)
+                result.error = "; ".join(f"{p.key}: {p.message}" for p in exc.problems) if isinstance(exc, PreflightError) else str(exc)
                 logger.error("clip %s failed: %s", clip, exc)
             else:
                 result.status, result.frames = "done", len(frames)
