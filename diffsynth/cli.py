@@ -419,10 +419,10 @@ def _source_lines(source: dict | None) -> list[str]:
         decoded = given.get("decoded_frames")
         claimed = given.get("header_frames")
         counted = f"{decoded} decode" if decoded is not None else "not all counted (a frame range)"
-        lines.append(f"input: {given['path']}: {given.get('rate') or '?'} fps{' (variable, average)' if given.get('variable') else ''}, "
+        lines.append(f"input: {given['file']}: {given.get('rate') or '?'} fps{' (variable, average)' if given.get('variable') else ''}, "
                      f"header claims {claimed if claimed is not None else '?'} frames, {counted}; audio: {'; '.join(given.get('audio_streams') or []) or 'none'}")
     audio = source.get("audio")
-    sound = f"audio from {os.path.basename(audio['path'])} {audio['start']:.3f}-{audio['start'] + audio['duration']:.3f} s" if audio else "no audio"
+    sound = f"audio from {audio['file']} {audio['start']:.3f}-{audio['start'] + audio['duration']:.3f} s" if audio else "no audio"
     video = source.get("video") or "no video (PNG frames only)"
     lines.append(f"output: {video}, {source.get('codec')}, {source.get('fps_text') or source.get('fps')}, {source.get('frames')} frames, {sound}")
     lines += [f"warning: {note}" for note in source.get("notes") or []]

@@ -542,13 +542,14 @@ class SDVideoPipelineRunner:
         media, audio, output = plan["media"], plan["audio"], plan["output"]
         record = {"frames": plan["num_frames"], "fps": str(plan["fps"]), "fps_text": rate_text(plan["fps"]),
                   "video": output.file_name, "codec": output.codec, "notes": list(plan["notes"]),
-                  "audio": None if audio is None else {"path": audio.path, "start": float(audio.start), "duration": float(audio.duration)}}
-        if media is not None:
-            record["input"] = {"path": media.path, "decoded_frames": media.decoded_frames, "header_frames": media.header_frames,
+                  "audio": None if audio is None else {"file": os.path.basename(audio.path), "start": float(audio.start), "duration": float(audio.duration)}}
+        if media is not None:  # file names, not paths: a moved project is the same render (its keys are by content)
+            record["input"] = {"file": os.path.basename(media.path), "decoded_frames": media.decoded_frames, "header_frames": media.header_frames,
                                "rate": None if media.rate is None else str(media.rate), "variable": media.variable,
                                "audio_streams": [stream.describe() for stream in media.audio]}
-        manifest.data["source"] = record
-        manifest.save()
+        if manifest.data.get("source") != record:  # a rerun with nothing to do leaves the manifest as it was
+            manifest.data["source"] = record
+            manifest.save()
 
     @staticmethod
     def _keep_estimate(manifest: Manifest, estimate) -> None:
