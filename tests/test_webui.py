@@ -1,9 +1,10 @@
 """The Streamlit WebUI, headless (``AppTest``), on tiny random-weight models in a temporary ``models/`` tree.
 
 Image Creator: generate, use an output as input, errors as messages, one model per session.
-Video Creator: the form's config (with the original page's bugs fixed), a render started from
-the page in a background worker, killed, resumed and finished; a render started on the command
-line is listed, cancelled and resumed the same way.
+Video Creator: the form's config (with the original page's bugs fixed; the source's frame rate
+and audio by default; the output format; the smoother), a render started from the page in a
+background worker, killed, resumed and finished; a render started on the command line is
+listed, cancelled and resumed the same way; a folder of clips rendered clip by clip.
 """
 from __future__ import annotations
 
@@ -24,11 +25,13 @@ from PIL import Image
 from streamlit.testing.v1 import AppTest
 
 from diffsynth.testing.factory import write_sd_checkpoint
-from diffsynth.testing.runner_files import write_tiny_project
+from diffsynth.data.output import output_problems
+from diffsynth.testing.runner_files import write_input_clip, write_tiny_project
 from diffsynth.webui import runs
 from diffsynth.webui.choices import guess_processor, model_files, snap_to_8
 from diffsynth.webui.image_session import ImageModels, ImageRequest, compose_drawing, generate, step_progress
-from diffsynth.webui.video_form import ControlNetUnitForm, VideoForm, build_video_config
+from diffsynth.webui.video_form import (ControlNetUnitForm, VideoForm, build_video_config, codec_choices, describe_input, input_clips,
+                                        rife_model)
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE_PAGE = str(ROOT / "pages" / "1_Image_Creator.py")
@@ -110,6 +113,85 @@ def test_video_form_fixes_the_original_pages_bugs(project, tmp_path):
     with pytest.raises(ValueError, match="holds 2 frames but the input video's holds 4"):
         unit.end_frame_id = 2
         build_video_config(_form(project, controlnet_units=[unit]), "models")
+
+
+def test_video_form_leaves_the_rate_and_audio_to_the_source_and_builds_output_and_smoother(project, tmp_path):
+    config = build_video_config(_form(project), "models")
+    data, inputs = config["data"], config["pipeline"]["pipeline_inputs"]
+    assert "fps" not in data and "audio" not in data  # the source's exact rate and its audio
+    assert data["output"] == {"codec": "h264", "crf": 5, "pix_fmt": "yuv420p", "preset": "medium"}
+    assert "smoother_configs" not in config and "smoother_progress_ids" not in inputs
+    assert build_video_config(_form(project, fps=29.97), "models")["data"]["fps"] == 29.97
+    assert build_video_config(_form(project, fps=24.0), "models")["data"]["fps"] == 24
+
+    # each codec gets the options it has, and nothing it refuses
+    outputs = {codec: build_video_config(_form(project, codec=codec, crf=20, pix_fmt=None), "models")["data"]["output"]
+               for codec in ("h265", "vp9", "prores", "gif", "png")}
+    assert outputs == {"h265": {"codec": "h265", "crf": 20, "pix_fmt": "yuv420p", "preset": "medium"},
+                       "vp9": {"codec": "vp9", "crf": 20, "pix_fmt": "yuv420p"}, "prores": {"codec": "prores", "pix_fmt": "yuv422p10le"},
+                       "gif": {"codec": "gif"}, "png": {"codec": "png"}}
+    assert all(output_problems(o) == [] for o in outputs.values())
+    assert (codec_choices("vp9").crf_range, codec_choices("h264").presets[0], codec_choices("png").file_name) == ((0, 63), "medium", None)
+    with pytest.raises(ValueError, match="Output: data.output.crf is 70; vp9 takes a whole number from 0 to 63"):
+        build_video_config(_form(project, codec="vp9", crf=70), "models")
+
+    assert build_video_config(_form(project, audio="none"), "models")["data"]["audio"] is False
+    sound = tmp_path / "sound.m4a"
+    sound.write_bytes(b"")
+    assert build_video_config(_form(project, audio="file", audio_file=str(sound)), "models")["data"]["audio"] == str(sound)
+    with pytest.raises(ValueError, match="a gif video carries no audio"):
+        build_video_config(_form(project, audio="file", audio_file=str(sound), codec="gif"), "models")
+    with pytest.raises(ValueError, match="does not exist"):
+        build_video_config(_form(project, audio="file", audio_file=str(tmp_path / "missing.wav")), "models")
+
+    # FastBlend on the final frames, then RIFE, whose model joins the model list (offered only where it is)
+    smoothed = _form(project, smoother="FastBlend", fastblend_mode="balanced", fastblend_window_size=5, fastblend_num_iter=2, rife=True)
+    with pytest.raises(ValueError, match="RIFE needs its model"):
+        build_video_config(smoothed, str(tmp_path / "models"))
+    assert rife_model(str(tmp_path / "models")) is None
+    from diffsynth.testing.rife_files import write_rife_file
+
+    rife = str(tmp_path / "models" / "RIFE" / "flownet.pkl")
+    os.makedirs(os.path.dirname(rife))
+    os.makedirs(tmp_path / "models" / "textual_inversion")  # the form names it; the runner wants it there
+    write_rife_file(rife)
+    config = build_video_config(smoothed, str(tmp_path / "models"))
+    assert config["smoother_configs"] == [
+        {"processor_type": "FastBlend", "config": {"inference_mode": "balanced", "window_size": 5, "num_iter": 2, "guide_weight": 10.0}},
+        {"processor_type": "RIFE", "config": {}}]
+    assert config["pipeline"]["pipeline_inputs"]["smoother_progress_ids"] == [-1] and config["models"]["model_list"][-1] == rife
+    from diffsynth.pipelines.runner import SDVideoPipelineRunner
+
+    plan = SDVideoPipelineRunner(progress_bar_cmd=None).prepare(config)  # the runner's checks take it (nothing is loaded)
+    assert plan["fps"] == 8 and plan["audio"] is None  # the clip's own rate; it has no sound
+
+
+def test_a_folder_of_clips_is_a_batch_and_the_input_is_described(project, tmp_path):
+    import imageio_ffmpeg
+
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    write_input_clip(str(clips / "b10.mp4"), frames=4)
+    write_input_clip(str(clips / "b9.mp4"), frames=5, seed=1)
+    assert input_clips(str(clips)) == [str(clips / "b9.mp4"), str(clips / "b10.mp4")]  # natural order
+    assert input_clips(str(project / "input.mp4")) is None and input_clips(str(tmp_path / "missing")) is None
+    images = tmp_path / "frames"
+    images.mkdir()
+    Image.new("RGB", (64, 64)).save(images / "000.png")
+    (images / "also.mp4").write_bytes(b"")
+    assert input_clips(str(images)) is None  # a folder with images is one video, as before
+    config = build_video_config(_form(project, input_path=str(clips), end_frame_id=None), "models")
+    assert config["data"]["input_frames"]["video_file"] == str(clips / "b9.mp4") and config["data"]["input_frames"]["end_frame_id"] is None
+
+    assert describe_input(str(clips)).startswith("a folder of 2 clips (b9.mp4, b10.mp4)")
+    assert describe_input(str(images)).startswith("a folder of 1 images")
+    assert describe_input(str(project / "input.mp4")) == "input.mp4: 64x64, 8 fps, 4 frames, 0.50 s; audio: no audio"
+    ntsc = tmp_path / "ntsc.mp4"  # the exact rate and the audio of a camera-like clip
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-f", "lavfi", "-i", "testsrc=size=64x64:rate=30000/1001",
+                    "-f", "lavfi", "-i", "sine=sample_rate=48000", "-t", "0.2", "-c:v", "libx264", "-c:a", "aac", str(ntsc)], check=True)
+    about = describe_input(str(ntsc))
+    assert "30000/1001 (29.970 fps)" in about and "aac, 48000 Hz" in about, about
+    assert describe_input(str(images / "also.mp4")).startswith("cannot read also.mp4: ")  # a message, not an exception
 
 
 def test_cli_command_lines_are_recognised():
@@ -291,7 +373,6 @@ def test_video_render_survives_a_killed_worker_and_resumes_to_the_end(in_project
     at.number_input(key="width").set_value(64)
     at.number_input(key="height").set_value(64)
     at.number_input(key="end_frame_id").set_value(FRAMES)
-    at.number_input(key="fps").set_value(8)
     at.text_input(key="run_name").input("dance")
     at.text_area(key="prompt").input("best quality, a girl is dancing")
     at.slider(key="steps").set_value(2)
@@ -311,6 +392,7 @@ def test_video_render_survives_a_killed_worker_and_resumes_to_the_end(in_project
     assert any("Started the render" in s.value for s in at.success), [s.value for s in at.success]
     config = json.load(open(os.path.join(out, "config.json")))
     assert config["pipeline"]["seed"] == 3 and config["data"]["input_frames"]["video_file"] == str(in_project / "input.mp4")
+    assert "fps" not in config["data"] and "audio" not in config["data"]  # the page's defaults: the source's rate and sound
 
     # it runs in its own process: the page sees it running and shows progress from the manifest
     _wait(lambda: _stage_done(out, 0), 120, "stage 0 of the background render")
@@ -344,6 +426,8 @@ def test_video_render_survives_a_killed_worker_and_resumes_to_the_end(in_project
     at.button(key="open_result").click().run()
     _no_problems(at)
     assert at.get("video")
+    (download,) = at.get("download_button")
+    assert download.proto.label == "Download video.mp4" and download.proto.url.endswith(".mp4")
     assert runs.read_worker_record(out)["state"] == "finished"
     assert sorted(os.listdir(os.path.join(out, "frames"))) == [f"{i:06d}.png" for i in range(FRAMES)]
 
@@ -399,6 +483,23 @@ def test_the_page_offers_gpu_processes_only_with_several_cuda_devices(in_project
     assert box.options == ["1", "2", "3", "4"] and box.value == 4  # all of them by default
 
 
+def test_a_render_elsewhere_does_not_keep_the_page_rerunning(in_project, tmp_path):
+    """A render into another output root is no reason to refresh this page's panel (it used to rerun the page without end)."""
+    out = str(tmp_path / "renders" / "idle")
+    runs.write_run_config(build_video_config(_form(in_project, output_folder=out), "models"), out)
+    elsewhere = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", runs.WORKER_MODULE, str(tmp_path / "other")])
+    try:
+        assert runs.render_processes(str(tmp_path / "other"))  # it looks like a render to the page
+        at = AppTest.from_file(VIDEO_PAGE, default_timeout=20)
+        at.session_state["output_root"] = str(tmp_path / "renders")
+        at.run()
+        _no_problems(at)
+        assert _progress(at)[1].startswith("not started") and at.session_state["panel_refreshing"] is False
+    finally:
+        elsewhere.kill()
+        elsewhere.wait()
+
+
 def test_a_render_started_on_two_processes_runs_under_the_launcher_and_resumes_so(in_project, tmp_path):
     """``start_render(out, processes=2)``: the worker runs ``diffsynth run --nproc-per-node 2``; the record keeps the count for Resume."""
     config = write_tiny_project(str(tmp_path / "two"), frames=FRAMES, smoother=False, steps=2)
@@ -413,3 +514,102 @@ def test_a_render_started_on_two_processes_runs_under_the_launcher_and_resumes_s
     assert sorted(os.listdir(os.path.join(out, "frames"))) == [f"{i:06d}.png" for i in range(FRAMES)]
     with pytest.raises(ValueError, match="processes must be >= 1"):
         runs.start_render(out, processes=0)
+
+
+def test_a_folder_of_clips_renders_clip_by_clip_from_the_page(in_project, tmp_path):
+    """A folder of clips as the input: one worker renders each into OUTPUT/<clip>/ (GIF, FastBlend); the panel lists the batch
+    and its clips and offers each clip's video under its own name and type."""
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    write_input_clip(str(clips / "b9.mp4"), frames=FRAMES)
+    write_input_clip(str(clips / "b10.mp4"), frames=FRAMES + 1, seed=1)  # clips differ in length: each is rendered whole
+    at = AppTest.from_file(VIDEO_PAGE, default_timeout=60).run()
+    at.sidebar.text_input(key="output_root").input(str(tmp_path / "renders")).run()
+    at.selectbox(key="sd_model").select(SD)
+    at.text_input(key="input_path").input(str(clips)).run()
+    _no_problems(at)
+    assert any(c.value.startswith("a folder of 2 clips (b9.mp4, b10.mp4)") for c in at.caption)
+    assert at.checkbox(key="whole_clips").value is True and "gpu_processes" not in [box.key for box in at.selectbox]
+    at.selectbox(key="size_preset").select("Custom").run()
+    at.number_input(key="width").set_value(64)
+    at.number_input(key="height").set_value(64)
+    at.selectbox(key="codec").select("gif")
+    at.selectbox(key="smoother").select("FastBlend").run()
+    at.number_input(key="fastblend_window_size").set_value(2)
+    at.number_input(key="fastblend_num_iter").set_value(2)
+    at.text_input(key="run_name").input("clips")
+    at.text_area(key="prompt").input("a girl is dancing")
+    at.slider(key="steps").set_value(1)
+    at.slider(key="animatediff_batch_size").set_value(4).run()
+    at.button(key="start_run").click().run()
+    _no_problems(at)
+    assert any("Started the render of 2 clips" in s.value for s in at.success), [s.value for s in at.success]
+    out = str(tmp_path / "renders" / "clips")
+    # the batch's config has a name of its own: OUTPUT is not a (broken) render of one video
+    assert os.path.isfile(os.path.join(out, runs.BATCH_CONFIG_FILE)) and not os.path.exists(os.path.join(out, runs.CONFIG_FILE))
+    assert runs.read_worker_record(out)["input"] == str(clips)
+
+    _wait(lambda: not runs.render_processes(out) and runs.read_worker_record(out)["state"] not in ("starting", "running"), 180,
+          "the batch to end", 0.5)
+    assert runs.read_worker_record(out)["state"] == "finished", runs.log_tail(out)
+    results = json.load(open(os.path.join(out, "batch.json")))["clips"]
+    assert [(os.path.basename(r["clip"]), r["status"], r["frames"]) for r in results] == [("b9.mp4", "done", FRAMES), ("b10.mp4", "done", FRAMES + 1)]
+    for name, frames in (("b9", FRAMES), ("b10", FRAMES + 1)):
+        clip_out = os.path.join(out, name)
+        assert len(os.listdir(os.path.join(clip_out, "frames"))) == frames and os.path.isfile(os.path.join(clip_out, "video.gif"))
+        config = json.load(open(os.path.join(clip_out, runs.CONFIG_FILE)))
+        assert config["data"]["input_frames"]["video_file"] == str(clips / f"{name}.mp4") and config["smoother_configs"][0]["processor_type"] == "FastBlend"
+
+    at.run()
+    _no_problems(at)
+    listed = at.dataframe[0].value
+    assert list(listed["render"]) == ["clips", "clips/b9", "clips/b10"] and set(listed["state"]) == {"done"}
+    assert _progress(at) == (100, "done: 2 of 2 clips done (100%)")  # the batch, selected after the start
+    table = at.dataframe[1].value
+    assert list(table["clip"]) == ["b9.mp4", "b10.mp4"] and list(table["frames"]) == [FRAMES, FRAMES + 1]
+
+    # a clip is a render of its own: its stages, and its video offered as what it is
+    at.selectbox(key="selected_run").select(os.path.join(out, "b10")).run()
+    assert _progress(at) == (100, "done: all stages done (100%)")
+    at.button(key="open_result").click().run()
+    _no_problems(at)
+    (download,) = at.get("download_button")
+    assert download.proto.label == "Download video.gif" and download.proto.url.endswith(".gif")
+    assert runs.run_info(os.path.join(out, "b10")).download == ("clips_b10.gif", "image/gif")
+
+
+def test_cancelling_a_clip_stops_its_batch_and_resume_continues_it(in_project, tmp_path):
+    """While a batch runs, its clips count its process as theirs (Cancel on a clip stops the batch; no second writer
+    starts); Resume takes the clips its start recorded and skips the finished ones; a clip that fails is named."""
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    for k, name in enumerate(("a", "b")):
+        write_input_clip(str(clips / f"{name}.mp4"), frames=FRAMES, seed=k)
+    (clips / "c.mp4").write_bytes(b"not a video")
+    out = str(tmp_path / "batch")
+    form = _form(in_project, input_path=str(clips), end_frame_id=None, output_folder=out, num_inference_steps=4,
+                 animatediff_batch_size=4, animatediff_stride=2)
+    config = build_video_config(form, "models")
+    runs.write_run_config(config, out, batch=True)
+    with pytest.raises(ValueError, match="holds a batch of clips"):
+        runs.write_run_config(config, out)
+    worker = runs.start_render(out, clips=str(clips))
+    first = os.path.join(out, "a")
+    _wait(lambda: _stage_done(first, 0), 120, "the first clip to start")
+    info = runs.run_info(out)
+    assert info.state == "running" and info.stage == "clip 1 of 3: a.mp4"
+    assert [r["state"] for r in info.clips] == ["running", "queued", "queued"]
+    assert runs.run_info(first).state == "running" and runs.run_info(first).name == "batch/a"
+    with pytest.raises(runs.RunBusy):
+        runs.start_render(first)  # the clip alone would be a second writer of its folder
+    assert runs.cancel_render(first) == [worker.pid]
+    assert worker.wait(timeout=60) == 130
+    info = runs.run_info(out)
+    assert info.state == "cancelled" and [r["state"] for r in info.clips][1:] == ["not started", "not started"], info
+
+    resumed = runs.start_render(out)  # the clips its first start recorded
+    assert resumed.wait(timeout=180) == 1, runs.log_tail(out)  # one clip failed
+    info = runs.run_info(out)
+    assert [r["state"] for r in info.clips] == ["done", "done", "failed"] and "cannot read it as a video" in info.clips[2]["result"]
+    assert info.state == "failed" and info.message.startswith("1 of 3 clips failed (c.mp4)")
+    assert [os.path.basename(p) for p in runs.list_runs(str(tmp_path))] == ["batch", "a", "b"]

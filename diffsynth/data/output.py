@@ -23,7 +23,7 @@ import os
 from dataclasses import dataclass, field
 from fractions import Fraction
 
-__all__ = ["OutputOptions", "AudioClip", "CODECS", "VIDEO_FILE_NAMES", "output_problems"]
+__all__ = ["OutputOptions", "AudioClip", "CODECS", "VIDEO_FILE_NAMES", "output_problems", "crf_range", "pixel_formats", "presets"]
 
 _PIX_FMTS = {
     "h264": ("yuv420p", "yuv422p", "yuv444p", "yuv420p10le", "yuv422p10le", "yuv444p10le"),
@@ -39,6 +39,21 @@ VIDEO_FILE_NAMES = tuple(sorted({name for name in _FILES.values() if name}))
 """Every name a render's video can have: a finished render is any of them."""
 _MUXERS = {"h264": "mp4", "h265": "mp4", "vp9": "webm", "prores": "mov", "gif": "gif"}
 _BT709 = ["-vf", "scale=out_color_matrix=bt709:out_range=tv,setparams=color_primaries=bt709:color_trc=bt709:colorspace=bt709:range=tv"]
+
+
+def crf_range(codec: str) -> tuple[int, int, int] | None:
+    """``(lowest, highest, default)`` crf of ``codec``; None for the codecs without one (prores, gif, png)."""
+    return _CRF.get(codec)
+
+
+def pixel_formats(codec: str) -> tuple[str, ...]:
+    """The pixel formats ``data.output.pix_fmt`` takes with ``codec``, the default first (none for gif and png)."""
+    return _PIX_FMTS.get(codec, ())
+
+
+def presets(codec: str) -> tuple[str, ...]:
+    """The encoder presets ``data.output.preset`` takes with ``codec`` (h264 and h265 only), fastest first."""
+    return _PRESETS if codec in ("h264", "h265") else ()
 
 
 def output_problems(value) -> list[tuple[str, str, str]]:
@@ -75,12 +90,12 @@ def output_problems(value) -> list[tuple[str, str, str]]:
 
 @dataclass(frozen=True)
 class OutputOptions:
-    """``data.output`` with its defaults filled in (``from_config`` checks it)."""
+    """``data.output`` with its defaults filled in (``from_config`` checks it; ``OutputOptions()`` is the default H.264)."""
 
     codec: str = "h264"
-    crf: int | None = None
-    pix_fmt: str | None = None
-    preset: str | None = None
+    crf: int | None = 5
+    pix_fmt: str | None = "yuv420p"
+    preset: str | None = "medium"
 
     @classmethod
     def from_config(cls, value: dict | None) -> "OutputOptions":
