@@ -5,7 +5,8 @@ config's ``data.output_folder``), a render of its own: its own manifest, so each
 its own and a rerun of the batch skips the finished ones in a moment. The models are loaded once
 and stay on the device from clip to clip. A clip that fails (unreadable, too short for the
 config's frame range, a full disk) is reported and the next one starts; the summary
-(``OUTPUT/batch.json`` and a table) says, per clip, its frames, time and result or error.
+(``OUTPUT/batch.json``, rewritten as each clip starts and ends, and a table) says, per clip, its
+frames, time and result or error.
 
 The clip replaces ``data.input_frames``' source, and that of every ``data.controlnet_frames``
 entry that read the same file as the input (the usual "control frames from the input video");
@@ -37,7 +38,7 @@ BATCH_FILE = "batch.json"
 class ClipResult:
     clip: str
     out: str
-    status: str  # done, failed, interrupted, not run
+    status: str  # not run, running, done, failed, interrupted
     frames: int | None = None
     seconds: float = 0.0
     error: str | None = None
@@ -93,9 +94,12 @@ def run_batch(config: dict, clips: list[str], root: str, runner, config_dir: str
 
     folders = clip_folders(clips, root)
     results = [ClipResult(clip=c, out=folders[c], status="not run") for c in clips]
+    _save(root, results)  # this batch's record from the start (a rerun's, not the last run's results)
     try:
         for k, (clip, result) in enumerate(zip(clips, results)):
             logger.info("clip %d of %d: %s -> %s", k + 1, len(clips), clip, result.out)
+            result.status = "running"
+            _save(root, results)
             began = time.monotonic()
             try:
                 frames = runner.run(clip_config(config, clip, result.out), config_dir=config_dir)
