@@ -349,3 +349,15 @@ def test_batch_renders_each_clip_loading_models_once(project, clips, tmp_path, m
     assert {n: os.stat(root / "dance" / "frames" / n).st_mtime_ns for n in os.listdir(root / "dance" / "frames")} == stamps
     assert cli_main(["run", str(config_path), "--input", str(tmp_path / "nothing" / "*.mp4")]) == 2
     assert "no file matches" in capsys.readouterr().err
+
+
+def test_estimate_counts_the_chosen_format(project, clips, tmp_path):
+    from diffsynth.estimate import estimate_plan
+
+    runner = SDVideoPipelineRunner(progress_bar_cmd=None)
+    final = {}
+    for codec in ("h264", "prores", "png"):
+        plan = runner.prepare(config_for(project, clips["ntsc_stereo"], tmp_path / codec, output={"codec": codec}))
+        final[codec] = estimate_plan(plan, device="cpu", use_history=False).final_bytes
+    frames_only = final["png"]  # PNG-only: the frames and no video
+    assert final["h264"] > frames_only and final["prores"] - frames_only > 4 * (final["h264"] - frames_only)

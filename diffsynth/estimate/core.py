@@ -40,7 +40,7 @@ _WORKING_FRAMES = 4  # frames in flight per prefetch/write-behind pair (depth 2 
 _PROMPTER_BYTES = 45 * 2**20  # the CLIP tokenizer's vocabulary and merges as Python objects
 _CPU_RUNTIME_BYTES = 20 * 2**20  # oneDNN/MKL buffers and kernels at the first convolutions
 _CPU_ALLOCATOR = 1.5  # resident bytes per traced activation byte: freed blocks stay with the process for reuse
-_DEFAULT_VIDEO_RATIO = 0.35  # video.mp4 bytes per frame ÷ a rendered PNG frame (near-lossless H.264), until measured
+_DEFAULT_VIDEO_RATIO = 0.35  # video bytes per frame ÷ a rendered PNG frame at the default H.264 (crf 5), until measured
 _WEIGHTLESS_ANNOTATORS = ("canny", "tile")  # read no weights: timed and their PNGs sized on the input's own frames
 _CHEAP_ANNOTATORS = {f"annotator frames ({processor})" for processor in _WEIGHTLESS_ANNOTATORS}
 
@@ -275,7 +275,7 @@ def _disk_timeline(view, width: int, height: int, png_source: float, png_control
         for sid in (6, 7, 8):
             disk.mark(sid)
         disk.remove("smoother/blended")  # an in-loop smoother's files go at stage 8
-    disk.add(9, "video.mp4", n * video_frame)
+    disk.add(9, "video", n * video_frame)  # video.mp4 (or .webm, .mov, .gif by data.output; nothing for png)
     return disk.peaks, sum(disk.now.values())
 
 
@@ -374,7 +374,7 @@ def estimate_plan(plan: dict, device: str | None = None, world: int = 1, calibra
     png_control = [_control_png(unit, frames, png_source) for unit, frames in zip(units, plan["controls"])]
     ratios = history.frame_ratios(signature) if history is not None else None
     png_out = png_source * (ratios or {}).get("frame", 1.0)
-    video_frame = png_out * (ratios or {}).get("video", _DEFAULT_VIDEO_RATIO)
+    video_frame = png_out * (ratios or {}).get("video", _DEFAULT_VIDEO_RATIO) * C.video_bytes_factor(plan.get("output"))
     sources["disk"] = ("stores' formats; rendered frames at the PNG size measured by earlier runs of these models" if ratios else
                        "stores' formats; rendered frames assumed to compress like the source frames (no earlier run of these models)")
 

@@ -42,6 +42,25 @@ ACCURATE_REMAP = 1.0
 _CUDA_SPEEDUP = 20.0  # GPU kernels of FastBlend, RIFE and annotators against the CPU constants
 
 
+# Video bytes per frame of each data.output codec at its defaults, relative to the default H.264 (crf 5), measured by
+# bench/finish.py on 60 frames of 1280x720 testsrc2 (h264 36.3 KiB/frame): rough, content moves them. A crf away from the
+# codec's default scales the size by 2^(-delta/6) (x264's rule of thumb: 6 crf steps halve or double the bytes).
+_VIDEO_BYTES_VS_H264 = {"h264": 1.0, "h265": 1.02, "vp9": 0.62, "prores": 5.5, "gif": 2.05, "png": 0.0}
+
+
+def video_bytes_factor(output) -> float:
+    """The finished video's bytes per frame under ``output`` (``OutputOptions``) relative to the default H.264 (1.0; png: 0)."""
+    from ..data.output import crf_range
+
+    if output is None:
+        return 1.0
+    factor = _VIDEO_BYTES_VS_H264[output.codec]
+    limits = crf_range(output.codec)
+    if limits is not None and output.crf is not None:
+        factor *= 2.0 ** ((limits[2] - output.crf) / 6.0)
+    return factor
+
+
 def _timed(fn, repeat: int = 1) -> float:
     start = time.perf_counter()
     for _ in range(repeat):

@@ -6,6 +6,7 @@ import logging
 import os
 
 from ..utils.sizes import count_frame_files, path_bytes
+from . import costs as C
 from .history import History, stage_id
 
 logger = logging.getLogger("diffsynth")
@@ -39,10 +40,13 @@ def learn_from_run(manifest, plan: dict, keys: dict[int, str], done_before: set[
             history.add_run(learn["runs_key"], ratios)
         if count and learn.get("png_source_bytes"):
             per_frame = path_bytes(frames) / count
-            video = os.path.join(out, "video.mp4")
+            output = plan.get("output")
+            name = output.file_name if output is not None else "video.mp4"
+            video = os.path.join(out, name) if name else None
             found = {"frame": per_frame / learn["png_source_bytes"]}
-            if os.path.isfile(video):
-                found["video"] = os.path.getsize(video) / count / per_frame
+            factor = C.video_bytes_factor(output)
+            if video is not None and os.path.isfile(video) and factor > 0:  # kept as the default H.264's ratio
+                found["video"] = os.path.getsize(video) / count / per_frame / factor
             history.set_frame_ratios(learn["signature"], found)
         history.save()
     except OSError as exc:
