@@ -105,7 +105,8 @@ def run_fastblend(guide: str | os.PathLike, style: str | os.PathLike, out: str |
     frames = smoother.smooth(guide_frames, style_view, result_folder=os.path.join(out, "frames"),
                              keyframe_indices=keyframe_indices)
     video = os.path.join(out, "video.mp4")
-    save_video(frames, video, fps=fps or guide_frames.fps or 30)
+    media = guide_frames.media()  # a guide video's exact rate (30000/1001, not the header's rounded 29.97)
+    save_video(frames, video, fps=fps or (media.rate if media is not None else None) or 30)
     logger.info("FastBlend: %d frames in %s, video %s", len(frames), os.path.join(out, "frames"), video)
     return video
 
