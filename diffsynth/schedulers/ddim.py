@@ -17,6 +17,8 @@ import numbers
 
 import torch
 
+from .base import Sampler, register
+
 BETA_SCHEDULES = ("scaled_linear", "linear")
 
 
@@ -158,13 +160,16 @@ def timestep_to_int(timestep, num_train_timesteps: int) -> int:
     return value
 
 
-class EnhancedDDIMScheduler:
-    """DDIM (eta = 0) with DiffSynth-Studio's timestep spacing; API-compatible with its class.
+@register
+class EnhancedDDIMScheduler(Sampler):
+    """DDIM (eta = 0) with DiffSynth-Studio's timestep spacing; API-compatible with its class. The ``"ddim"`` sampler.
 
     Attributes: `alphas_cumprod` (float64 tensor, one value per training timestep) and
     `timesteps` (1-D int64 tensor, descending, ending at 0). The constructor prepares 10 steps
     like the original.
     """
+
+    name = "ddim"
 
     def __init__(
         self,
@@ -202,8 +207,8 @@ class EnhancedDDIMScheduler:
             return 1.0
         return float(self.alphas_cumprod[schedule[position + 1]])
 
-    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, to_final: bool = False):
-        """Denoise `sample` from `timestep` to the next scheduled timestep (or to x0 if to_final)."""
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, to_final: bool = False, previous=None, noise=None):
+        """Denoise `sample` from `timestep` to the next scheduled timestep (or to x0 if to_final); DDIM needs no ``previous``/``noise``."""
         alpha_next = 1.0 if to_final else self.next_alpha(timestep)
         return ddim_step(model_output, sample, self.alpha(timestep), alpha_next)
 
