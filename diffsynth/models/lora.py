@@ -1,24 +1,39 @@
-"""Kohya/civitai LoRA files: parse them, then merge them into the model weights.
+"""LoRA files (kohya/civitai, diffusers and PEFT layouts): parse them, then merge them into the model weights.
 
-File format (kohya sd-scripts, what civitai serves): for every adapted module
-``<prefix><module_path_with_underscores>`` three entries
+Every layout stores, for each adapted module, a ``down`` factor ``[rank, in]`` (Linear) or
+``[rank, in, kh, kw]`` (Conv2d), an ``up`` factor ``[out, rank]`` or ``[out, rank, 1, 1]``,
+and optionally an alpha (absent means ``alpha = rank``, i.e. scale 1). They differ in names:
 
-* ``.lora_down.weight``: ``[rank, in]`` (Linear), ``[rank, in, kh, kw]`` (Conv2d),
-* ``.lora_up.weight``: ``[out, rank]`` or ``[out, rank, 1, 1]``,
-* ``.alpha``: a scalar (optional; absent means ``alpha = rank``).
+* **kohya** (sd-scripts, what civitai serves; also the LCM-LoRA scripts' export
+  ``get_module_kohya_state_dict`` in diffusers' ``examples/consistency_distillation`` and
+  AnimateLCM's ``AnimateLCM_sd15_t2v_lora.safetensors``, which AnimateLCM's own loader reads as
+  ``lora_unet_*.lora_down.weight``): ``<prefix><module path with "_" for ".">`` +
+  ``.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``. Prefixes ``lora_unet_``,
+  ``lora_te_`` (SD 1.x text encoder), ``lora_te1_`` / ``lora_te2_`` (SDXL's two).
+* **PEFT**, as diffusers' ``save_lora_weights`` writes a ``get_peft_model_state_dict``:
+  ``<component>.<module path>.lora_A.weight`` (down) / ``.lora_B.weight`` (up), components
+  ``unet``, ``text_encoder``, ``text_encoder_2``. No alpha in the tensors; diffusers ≥ 0.35 keeps
+  PEFT's ``lora_alpha`` in the safetensors ``__metadata__`` (``lora_adapter_metadata``, JSON with
+  ``"unet.lora_alpha"``, ``"unet.r"``, …), which is honoured.
+* **diffusers** (``convert_state_dict_to_diffusers`` of a PEFT state dict, as the current
+  LCM-LoRA SDXL script saves): the PEFT names with ``to_q/to_k/to_v/to_out.0 .lora.down/.lora.up``
+  in the UNet and ``q_proj/k_proj/v_proj/out_proj .lora_linear_layer.down/.up`` in text
+  encoders (diffusers' ``PEFT_TO_DIFFUSERS`` table); the other modules keep ``lora_A``/``lora_B``.
+  A ``<component>.<module path>.alpha`` tensor (diffusers' ``network_alphas`` naming) is read as
+  the alpha.
 
-Prefixes: ``lora_unet_`` (diffusers UNet module names), ``lora_te_`` (the CLIP
-text model, ``text_model.encoder.layers.N...``); SDXL files use ``lora_te1_``
-and ``lora_te2_`` for its two text encoders.
+UNet module paths are diffusers names (``down_blocks.0.attentions.0.proj_in``) or, in kohya
+SDXL files, LDM names (``input_blocks.4.1.proj_in``); text-encoder paths are Hugging Face CLIP
+names (``text_model.encoder.layers.0.self_attn.q_proj``).
 
-Merge (Hu et al. 2021, "LoRA", arXiv 2106.09685; alpha/rank scaling as in kohya):
+Merge (Hu et al. 2021, "LoRA", arXiv 2106.09685; alpha/rank scaling as in kohya and PEFT):
 ``W += strength * (alpha / rank) * up @ down``, computed in float32 on the
 weight's device. For 3x3 convolutions (LoCon) ``down`` holds the kernel and
 ``up`` is 1x1, so ``ΔW = (up.flatten(1) @ down.flatten(1)).reshape(W.shape)``.
 
 Deliberate differences from DiffSynth-Studio (upstream_spec §2.8, §12.5): the
 file's alpha keys are honoured, text-encoder LoRA is applied, LoCon works, no
-device is hard-coded, underscore names are resolved against the model's real
+device is hard-coded, module names are resolved against the model's real
 module paths instead of string fix-ups, and a key that resolves to nothing is an
 error instead of being dropped. Weights are still changed in place (no unload).
 """
@@ -26,6 +41,7 @@ error instead of being dropped. Weights are still changed in place (no unload).
 from __future__ import annotations
 
 import difflib
+import json
 import math
 import numbers
 import os
@@ -36,9 +52,10 @@ import torch
 from torch import nn
 
 from .errors import ModelFileError
-from .state_dict import load_state_dict
+from .state_dict import FORMAT_SAFETENSORS, detect_file_format, load_state_dict, read_safetensors_metadata
 
 __all__ = [
+    "DOTTED_PREFIXES",
     "LORA_PREFIXES",
     "LoRA",
     "LoRAWeight",
@@ -57,11 +74,32 @@ LORA_PREFIXES: dict[str, str] = {
     "lora_te1_": "text_encoder",
     "lora_te2_": "text_encoder_2",
 }
+# The diffusers/PEFT layouts: "<component>." in front of a dotted module path (diffusers'
+# save_lora_weights packs each component's layers under its pipeline attribute name).
+DOTTED_PREFIXES: dict[str, str] = {
+    "unet.": "unet",
+    "text_encoder.": "text_encoder",
+    "text_encoder_2.": "text_encoder_2",
+}
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
 _UP = "lora_up.weight"
 _DOWN = "lora_down.weight"
 _ALPHA = "alpha"
+_KOHYA_PARTS = {_UP: "up", _DOWN: "down", _ALPHA: "alpha"}
+# Suffix after the dotted module path -> factor. The last two entries rename the module
+# itself, so the part of the suffix before ".lora" stays in the path.
+_DOTTED_PARTS = {
+    "lora_A.weight": "down",  # PEFT
+    "lora_B.weight": "up",
+    "lora.down.weight": "down",  # diffusers LoRALinearLayer / LoRAConv2dLayer (PEFT_TO_DIFFUSERS: to_q/k/v/out.0)
+    "lora.up.weight": "up",
+    "lora_linear_layer.down.weight": "down",  # diffusers text encoders (q/k/v/out_proj)
+    "lora_linear_layer.up.weight": "up",
+    "alpha": "alpha",  # diffusers network_alphas naming
+}
+# diffusers' metadata key (diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY).
+_ADAPTER_METADATA = "lora_adapter_metadata"
 
 # Suffixes of other adapter kinds (LyCORIS and friends) that share the kohya prefixes.
 # Matched so the error can name what the file is instead of "unknown key".
@@ -70,13 +108,14 @@ _OTHER_ADAPTERS = {
     "lokr_": "LoKr (LyCORIS Kronecker-product adapter)",
     "lora_mid.": "LoCon with a Tucker/CP-decomposed kernel (lora_mid)",
     "dora_scale": "DoRA (weight-decomposed LoRA)",
+    "lora_magnitude_vector": "DoRA (weight-decomposed LoRA)",
     "diff": "a full weight difference (LyCORIS 'full' / diff)",
     "oft_": "OFT (orthogonal fine-tuning)",
     "ia3": "(IA)^3",
 }
 _NOT_PLAIN_LORA_REMEDY = (
-    "Only plain kohya LoRA/LoCon files (lora_up / lora_down / alpha) are supported; "
-    "look for a plain LoRA version of this model on its download page."
+    "Only plain LoRA/LoCon files (kohya lora_up / lora_down / alpha, or diffusers/PEFT lora_A / lora_B) "
+    "are supported; look for a plain LoRA version of this model on its download page."
 )
 
 
@@ -84,8 +123,8 @@ _NOT_PLAIN_LORA_REMEDY = (
 class LoRAWeight:
     """One adapted module: ``up [out, rank(, 1, 1)]``, ``down [rank, in(, kh, kw)]``, optional alpha."""
 
-    key: str  # the file's key stem, e.g. "lora_unet_down_blocks_0_attentions_0_proj_in"
-    name: str  # the same without the prefix: the module path with "." written as "_"
+    key: str  # the file's key stem: "lora_unet_down_blocks_0_attentions_0_proj_in" or "unet.down_blocks.0.attentions.0.proj_in"
+    name: str  # the module path without the prefix, with "." written as "_"
     up: torch.Tensor
     down: torch.Tensor
     alpha: float | None
@@ -96,7 +135,7 @@ class LoRAWeight:
 
     @property
     def scale(self) -> float:
-        """alpha / rank, or 1 when the file stores no alpha (kohya's default alpha = rank)."""
+        """alpha / rank, or 1 when the file stores no alpha (kohya's default alpha = rank; PEFT without an alpha)."""
         return 1.0 if self.alpha is None else self.alpha / self.rank
 
     def delta(self, shape: torch.Size, device: torch.device, strength: float) -> torch.Tensor:
@@ -125,114 +164,222 @@ class LoRA:
         return sum(len(self.group(c)) for c in COMPONENTS)
 
 
+@dataclass(frozen=True)
+class _Key:
+    """What one file key is: which module of which component, and which part of its LoRA."""
+
+    stem: str  # the key without its part suffix (shown in messages)
+    component: str
+    name: str  # module path with "_" for "."
+    part: str  # "up", "down" or "alpha"
+    dotted: bool  # a diffusers/PEFT key (its alpha may come from the file's metadata)
+
+
 # --------------------------------------------------------------------------- detection and parsing
 
 
 def is_lora_state_dict(state_dict: Mapping[str, object] | Iterable[str]) -> bool:
-    """Fingerprint of a kohya LoRA: every key starts with a kohya prefix; lora_up and lora_down keys exist.
+    """Fingerprint of a LoRA: every key is a LoRA key of one of the layouts; up and down factors exist.
 
     Accepts a state dict or just its keys (e.g. a safetensors header).
     """
     keys = list(state_dict.keys() if isinstance(state_dict, Mapping) else state_dict)
-    if not keys or not all(_split_prefix(k)[0] for k in keys):
+    parsed = [_classify(k) for k in keys]
+    if not keys or any(p is None for p in parsed):
         return False
-    return any(k.endswith("." + _UP) for k in keys) and any(k.endswith("." + _DOWN) for k in keys)
+    parts = {p.part for p in parsed}
+    return {"up", "down"} <= parts
 
 
 def load_lora(path: str | os.PathLike) -> LoRA:
-    """Read a kohya LoRA file (``.safetensors`` or a weights-only pickle) into a :class:`LoRA`.
+    """Read a LoRA file (``.safetensors`` or a weights-only pickle) into a :class:`LoRA`.
 
-    Raises :class:`ModelFileError` (naming the file and key) for keys that are not
-    kohya LoRA keys, unpaired up/down weights, inconsistent ranks, or other adapter kinds.
+    A safetensors file's ``__metadata__`` is read for diffusers' ``lora_adapter_metadata``
+    (the PEFT alpha of diffusers/PEFT-layout files). Raises :class:`ModelFileError` (naming
+    the file and key) for keys that are not LoRA keys, unpaired up/down weights,
+    inconsistent ranks, or other adapter kinds.
     """
     path = os.fspath(path)
-    return parse_lora_state_dict(load_state_dict(path), path)
+    state_dict = load_state_dict(path)
+    metadata = read_safetensors_metadata(path) if detect_file_format(path) == FORMAT_SAFETENSORS else {}
+    return parse_lora_state_dict(state_dict, path, metadata=metadata)
 
 
-def parse_lora_state_dict(state_dict: Mapping[str, torch.Tensor], path: str = "<state dict>") -> LoRA:
-    """Group a kohya LoRA state dict into a :class:`LoRA`; ``path`` is only used in messages.
+def parse_lora_state_dict(
+    state_dict: Mapping[str, torch.Tensor], path: str = "<state dict>", *, metadata: Mapping[str, str] | None = None
+) -> LoRA:
+    """Group a LoRA state dict (any supported layout) into a :class:`LoRA`; ``path`` is only used in messages.
 
+    ``metadata``: the file's safetensors ``__metadata__``; its ``lora_adapter_metadata``
+    gives the alpha of diffusers/PEFT-layout weights that carry no ``.alpha`` tensor.
     The input mapping is not modified.
     """
     if not state_dict:
         raise ModelFileError(path, "the file holds no tensors, so no LoRA weights.", "Download it again.")
-    entries: dict[str, dict[str, torch.Tensor]] = {}
+    peft_alphas = _metadata_alphas(path, metadata or {})
+    entries: dict[str, tuple[_Key, dict[str, tuple[str, torch.Tensor]]]] = {}
     for key, value in state_dict.items():
-        stem, suffix = _split_key(path, key)
-        entries.setdefault(stem, {})[suffix] = value
+        info = _parse_key(path, key)
+        _, parts = entries.setdefault(info.stem, (info, {}))
+        if info.part in parts:
+            raise ModelFileError(
+                path,
+                f"keys {parts[info.part][0]!r} and {key!r} both hold the {info.part} factor of {info.stem!r}.",
+                "The file mixes two LoRA layouts for one module; it is probably damaged.",
+            )
+        parts[info.part] = (key, value)
     groups: dict[str, dict[str, LoRAWeight]] = {c: {} for c in COMPONENTS}
     for stem in sorted(entries):
-        weight = _make_weight(path, stem, entries[stem])
-        group = groups[_split_prefix(stem)[1]]
-        if weight.name in group:  # "lora_te_x" and "lora_te1_x" both adapt text_encoder.x
+        info, parts = entries[stem]
+        weight = _make_weight(path, info, {part: value for part, (_, value) in parts.items()}, peft_alphas)
+        group = groups[info.component]
+        if weight.name in group:  # "lora_te_x" and "lora_te1_x" (or "text_encoder.x") all adapt text_encoder.x
             raise ModelFileError(
                 path,
                 f"keys {group[weight.name].key!r} and {stem!r} adapt the same module.",
-                "The file mixes SD 1.x and SDXL text-encoder LoRA naming; it is probably damaged.",
+                "The file mixes two LoRA namings (SD 1.x and SDXL, or kohya and diffusers) for one module; it is probably damaged.",
             )
         group[weight.name] = weight
     return LoRA(path=path, **groups)
 
 
-def _split_prefix(key: str) -> tuple[str, str] | tuple[None, None]:
+def _kohya_prefix(key: str) -> tuple[str, str] | tuple[None, None]:
     for prefix, component in LORA_PREFIXES.items():
         if key.startswith(prefix):
             return prefix, component
     return None, None
 
 
-def _split_key(path: str, key: str) -> tuple[str, str]:
-    """``"lora_unet_x.lora_up.weight"`` -> ``("lora_unet_x", "lora_up.weight")``, or an error."""
-    stem, _, suffix = key.partition(".")
-    if _split_prefix(stem)[0] is None:
-        prefixes = ", ".join(LORA_PREFIXES)
+def _dotted_prefix(key: str) -> tuple[str, str] | tuple[None, None]:
+    for prefix in sorted(DOTTED_PREFIXES, key=len, reverse=True):  # "text_encoder_2." before "text_encoder."
+        if key.startswith(prefix):
+            return prefix, DOTTED_PREFIXES[prefix]
+    return None, None
+
+
+def _classify(key: str) -> _Key | None:
+    """The :class:`_Key` of a LoRA key of any supported layout, or None."""
+    prefix, component = _kohya_prefix(key)
+    if prefix is not None:
+        stem, _, suffix = key.partition(".")
+        part = _KOHYA_PARTS.get(suffix)
+        return None if part is None else _Key(stem, component, stem[len(prefix):], part, dotted=False)
+    prefix, component = _dotted_prefix(key)
+    if prefix is None:
+        return None
+    for suffix, part in _DOTTED_PARTS.items():
+        if key.endswith("." + suffix) and len(key) > len(prefix) + len(suffix) + 1:
+            stem = key[: -len(suffix) - 1]
+            return _Key(stem, component, stem[len(prefix):].replace(".", "_"), part, dotted=True)
+    return None
+
+
+def _parse_key(path: str, key: str) -> _Key:
+    """The :class:`_Key` of ``key``, or an error that says what the key is instead."""
+    info = _classify(key)
+    if info is not None:
+        return info
+    kohya, _ = _kohya_prefix(key)
+    dotted, _ = _dotted_prefix(key)
+    if kohya is None and dotted is None:
+        hint = (
+            " It looks like a PEFT training checkpoint (base_model.model.…), whose alpha is kept in adapter_config.json."
+            if "base_model.model." in key
+            else ""
+        )
         raise ModelFileError(
             path,
-            f"key {key!r} is not a kohya LoRA key (expected it to start with one of {prefixes}).",
-            "Is this a LoRA in kohya/civitai format? diffusers-format LoRA folders are not supported; "
-            "convert them with kohya's tools.",
+            f"key {key!r} is not a LoRA key (expected a kohya key starting with one of {', '.join(LORA_PREFIXES)} "
+            f"or a diffusers/PEFT key starting with one of {', '.join(DOTTED_PREFIXES)}).{hint}",
+            "Is this a LoRA file? Export it as a diffusers LoRA (pipeline.save_lora_weights) or a kohya LoRA.",
         )
-    if suffix in (_UP, _DOWN, _ALPHA):
-        return stem, suffix
-    kind = next((name for marker, name in _OTHER_ADAPTERS.items() if suffix.startswith(marker)), None)
+    pieces = key.split(".")
+    tails = [key.partition(".")[2]] if kohya is not None else [".".join(pieces[-2:]), pieces[-1]]
+    kind = next((name for marker, name in _OTHER_ADAPTERS.items() if any(t.startswith(marker) for t in tails)), None)
     if kind is not None:
         raise ModelFileError(path, f"key {key!r} belongs to {kind}, not a plain LoRA.", _NOT_PLAIN_LORA_REMEDY)
+    expected = [_UP, _DOWN, _ALPHA] if kohya is not None else list(_DOTTED_PARTS)
     raise ModelFileError(
         path,
-        f"key {key!r} has the unknown suffix {suffix!r} (expected {_UP!r}, {_DOWN!r} or {_ALPHA!r}).",
+        f"key {key!r} has an unknown suffix (expected one of {', '.join(repr(s) for s in expected)}).",
         _NOT_PLAIN_LORA_REMEDY,
     )
 
 
-def _make_weight(path: str, stem: str, parts: dict[str, torch.Tensor]) -> LoRAWeight:
+def _metadata_alphas(path: str, metadata: Mapping[str, str]) -> dict[str, tuple[float, int, bool]]:
+    """``{component: (lora_alpha, r, has a rank_pattern)}`` from diffusers' ``lora_adapter_metadata``
+    (the PEFT ``LoraConfig`` fields of each component, as ``"unet.lora_alpha"``, ``"unet.r"``, …).
+
+    PEFT scales by ``lora_alpha / r``; per-module ``alpha_pattern`` entries, rsLoRA
+    (``alpha / sqrt(r)``) and DoRA are refused rather than merged with a wrong scale.
+    """
+    raw = metadata.get(_ADAPTER_METADATA)
+    if not raw:
+        return {}
+    try:
+        config = json.loads(raw)
+    except ValueError as exc:
+        raise ModelFileError(path, f"its {_ADAPTER_METADATA} metadata is not JSON ({exc}).", "The file is corrupt; download it again.") from exc
+    if not isinstance(config, dict):
+        raise ModelFileError(path, f"its {_ADAPTER_METADATA} metadata is not a JSON object.", "The file is corrupt; download it again.")
+    alphas = {}
+    for component in COMPONENTS:
+        alpha, rank = config.get(f"{component}.lora_alpha"), config.get(f"{component}.r")
+        if alpha is None:
+            continue
+        refused = [name for name in ("alpha_pattern", "use_rslora", "use_dora") if config.get(f"{component}.{name}")]
+        if refused:
+            raise ModelFileError(
+                path,
+                f"its PEFT settings for the {component} use {', '.join(refused)}, which this loader does not implement.",
+                "Use a plain LoRA (one lora_alpha per component), or merge it into the model with diffusers and load that.",
+            )
+        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha) or not isinstance(rank, int):
+            raise ModelFileError(
+                path, f"its {component}.lora_alpha / {component}.r metadata ({alpha!r}, {rank!r}) are not numbers.", "The file is corrupt; download it again."
+            )
+        alphas[component] = (float(alpha), rank, bool(config.get(f"{component}.rank_pattern")))
+    return alphas
+
+
+def _make_weight(path: str, info: _Key, parts: dict[str, torch.Tensor], peft_alphas: Mapping[str, tuple]) -> LoRAWeight:
     """Check one module's up/down/alpha entries and bundle them."""
-    missing = [s for s in (_UP, _DOWN) if s not in parts]
+    missing = [s for s in ("up", "down") if s not in parts]
     if missing:
+        names = {"up": "lora_B.weight", "down": "lora_A.weight"} if info.dotted else {"up": _UP, "down": _DOWN}
         raise ModelFileError(
             path,
-            f"LoRA module {stem!r} has {sorted(parts)} but no {' / '.join(missing)}.",
+            f"LoRA module {info.stem!r} has {sorted(parts)} but no {' / '.join(missing)} factor "
+            f"({', '.join(f'{info.stem}.{names[m]}' for m in missing)}).",
             "The file is incomplete or not a LoRA; download it again.",
         )
-    up, down = parts[_UP], parts[_DOWN]
-    _check_factor_shapes(path, stem, up, down)
-    return LoRAWeight(
-        key=stem, name=stem[len(_split_prefix(stem)[0]):], up=up, down=down, alpha=_read_alpha(path, stem, parts.get(_ALPHA))
-    )
+    up, down = parts["up"], parts["down"]
+    _check_factor_shapes(path, info.stem, up, down)
+    alpha = _read_alpha(path, info.stem, parts.get("alpha"))
+    if alpha is None and info.dotted and info.component in peft_alphas:
+        alpha, rank, rank_pattern = peft_alphas[info.component]
+        if not rank_pattern and rank != down.shape[0]:
+            raise ModelFileError(
+                path,
+                f"its metadata gives the {info.component} LoRA rank {rank}, but {info.stem!r} has rank {down.shape[0]}.",
+                "The file is inconsistent; download it again.",
+            )
+    return LoRAWeight(key=info.stem, name=info.name, up=up, down=down, alpha=alpha)
 
 
 def _check_factor_shapes(path: str, stem: str, up: torch.Tensor, down: torch.Tensor) -> None:
-    shapes = f"lora_up {tuple(up.shape)}, lora_down {tuple(down.shape)}"
+    shapes = f"up {tuple(up.shape)}, down {tuple(down.shape)}"
     if up.dim() not in (2, 4) or down.dim() not in (2, 4):
         raise ModelFileError(path, f"LoRA module {stem!r} has factors of unexpected rank ({shapes}).", _NOT_PLAIN_LORA_REMEDY)
     if up.shape[1] != down.shape[0]:
         raise ModelFileError(
             path,
-            f"LoRA module {stem!r}: lora_up has {up.shape[1]} input columns but lora_down has rank {down.shape[0]} ({shapes}).",
+            f"LoRA module {stem!r}: the up factor has {up.shape[1]} input columns but the down factor has rank {down.shape[0]} ({shapes}).",
             "The file is corrupt; download it again.",
         )
     if any(d != 1 for d in up.shape[2:]):
         raise ModelFileError(
-            path, f"LoRA module {stem!r}: lora_up must be a 1x1 kernel ({shapes}).", _NOT_PLAIN_LORA_REMEDY
+            path, f"LoRA module {stem!r}: the up factor must be a 1x1 kernel ({shapes}).", _NOT_PLAIN_LORA_REMEDY
         )
 
 
@@ -243,6 +390,8 @@ def _read_alpha(path: str, stem: str, alpha: torch.Tensor | None) -> float | Non
         raise ModelFileError(
             path, f"{stem}.alpha should be a scalar but has shape {tuple(alpha.shape)}.", "The file is corrupt; download it again."
         )
+    if alpha.is_meta:  # models built from headers alone (estimates): the merge only has to keep the shapes
+        return None
     value = float(alpha.reshape(()).item())
     if not math.isfinite(value):
         raise ModelFileError(path, f"{stem}.alpha is {value}.", "The file is corrupt; download it again.")
@@ -342,8 +491,9 @@ def _module_index(component: str, model: nn.Module, unet_module_map: Mapping[str
 
     Kohya names cannot be turned back into paths by replacing "_" (module names such as
     ``to_q``, ``proj_in``, ``self_attn`` contain underscores); matching against the
-    model's real paths in underscore form resolves them without guessing. A set with
-    more than one path marks a name that is ambiguous for this model.
+    model's real paths in underscore form resolves them without guessing. Dotted
+    (diffusers/PEFT) paths are matched in the same form, so every layout resolves alike. A
+    set with more than one path marks a name that is ambiguous for this model.
     """
     pairs = [(path, path) for path, _ in model.named_modules() if path]
     if component == "unet":

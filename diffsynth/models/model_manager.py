@@ -19,13 +19,13 @@ import torch
 from torch import nn
 
 from . import convert
-from .detect import Fingerprint, detect
+from .detect import ANIMATELCM_POSITIONS, Fingerprint, detect, is_animatelcm_motion_module
 from .errors import ModelFileError
 from .convert_controlnet import controlnet_config_from_diffusers, convert_controlnet_from_diffusers, split_controlnet_checkpoint
 from .loading import infer_config, instantiate
 from .lora import apply_lora, load_lora
 from .sd_controlnet import SDControlNet, infer_controlnet_config
-from .sd_motion import build_motion_model
+from .sd_motion import build_motion_model, sinusoid_table
 from .sd_text_encoder import SDTextEncoder, infer_clip_text_config
 from .sd_unet import SDUNet, infer_unet_config
 from .sd_vae import SDVAEDecoder, SDVAEEncoder, infer_vae_config
@@ -332,8 +332,11 @@ class ModelManager:
         self._add_controlnet(sd, config, path)
 
     def _load_motion_module(self, path: str, components: set[str] | None) -> None:
-        """AnimateDiff v1/v2 (told apart by the mid-block module and the position table length)."""
-        model = build_motion_model(load_state_dict(path, self.torch_dtype), source=path, device=self.device, dtype=self.torch_dtype)
+        """AnimateDiff v1/v2 (told apart by the mid-block module and the position table length), or AnimateLCM."""
+        sd = load_state_dict(path, self.torch_dtype)
+        if is_animatelcm_motion_module(sd):
+            sd = _with_animatelcm_positions(sd)
+        model = build_motion_model(sd, source=path, device=self.device, dtype=self.torch_dtype)
         if "unet" in self.model:
             try:
                 model.config.check_unet(self.model["unet"].config)
@@ -432,6 +435,18 @@ class ModelManager:
 
 def _same_path_key(path: str) -> str:
     return os.path.normcase(os.path.realpath(os.path.abspath(path)))
+
+
+def _with_animatelcm_positions(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """AnimateLCM's motion module with the positional tables its file leaves out: the 64-position
+    sinusoid AnimateLCM computes (detect.py cites the sources), one per attention block, as the
+    original AnimateDiff files store them (``….attention_blocks.{i}.pos_encoder.pe``, ``(1, 64, C)``).
+    """
+    out = dict(sd)
+    for key, value in sd.items():
+        if key.endswith(".to_q.weight") and ".attention_blocks." in key:
+            out[key[: -len("to_q.weight")] + "pos_encoder.pe"] = sinusoid_table(ANIMATELCM_POSITIONS, value.shape[1], value.dtype)
+    return out
 
 
 def _read_json(path: str, source: str) -> dict:
