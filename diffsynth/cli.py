@@ -115,6 +115,12 @@ def cmd_txt2img(args: argparse.Namespace) -> int:
         pipe = SDXLImagePipeline.from_model_manager(mm)
     else:
         pipe = SDImagePipeline.from_model_manager(mm)
+    if args.sampler == "lcm":
+        from .models.detect import lcm_warning
+
+        warning = lcm_warning(args.model, "sdxl" if mm.has("text_encoder_2") else "sd1")
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
     torch.manual_seed(args.seed)
     image = pipe(
         prompt=args.prompt,
@@ -124,6 +130,7 @@ def cmd_txt2img(args: argparse.Namespace) -> int:
         height=args.height,
         width=args.width,
         num_inference_steps=args.steps,
+        sampler=args.sampler,
     )
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     atomic_save_image(image, args.out)
@@ -603,6 +610,7 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
+    from .schedulers.base import SAMPLER_HELP, sampler_names
 
     parser = argparse.ArgumentParser(prog="diffsynth", description="DiffSynth Studio, disk-cache edition")
     parser.add_argument("--version", action="version", version=f"diffsynth {__version__} (torch {torch.__version__})")
@@ -621,6 +629,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output PNG path (written atomically)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--sampler", default="ddim", choices=sampler_names(), help=SAMPLER_HELP)
     p.add_argument("--cfg", type=float, default=7.5)
     p.add_argument("--clip-skip", type=int, default=1)
     p.add_argument("--height", type=int, default=512)

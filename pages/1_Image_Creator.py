@@ -7,6 +7,7 @@ from PIL import Image, UnidentifiedImageError
 from streamlit_drawable_canvas import st_canvas
 
 from diffsynth.data.images import crop_and_resize
+from diffsynth.schedulers.base import SAMPLER_HELP, sampler_names
 from diffsynth.webui.choices import CUSTOM_SIZE, SIZE_PRESETS, available_devices, model_files, snap_to_8
 from diffsynth.webui.image_session import MODEL_TYPES, ImageModels, ImageRequest, compose_drawing, generate, png_bytes, step_progress
 
@@ -46,6 +47,7 @@ with st.sidebar:
         cfg_scale = 1.0 if "cfg_scale" in fixed else st.slider("Classifier-free guidance scale", 1.0, 10.0, 7.5, key="cfg_scale")
     with st.expander("Image", expanded=True):
         steps = fixed.get("num_inference_steps") or st.slider("Inference steps", 1, 100, 20, key="steps")
+        sampler = st.selectbox("Sampler", sampler_names(), key="sampler", help=SAMPLER_HELP)
         if "height" in fixed:
             width, height = fixed["width"], fixed["height"]
             st.caption(f"{model_type} renders {width}x{height} in {steps} step(s) without guidance.")
@@ -124,7 +126,7 @@ with output_column:
                 source = compose_drawing(input_image, drawing) if input_image is not None else None
                 request = ImageRequest(prompt=prompt, negative_prompt=negative_prompt, cfg_scale=cfg_scale, num_inference_steps=int(steps),
                                        height=height, width=width, num_images=int(num_images), seed=int(seed) if use_fixed_seed else None,
-                                       input_image=source, denoising_strength=denoising_strength, repetition=int(repetition))
+                                       input_image=source, denoising_strength=denoising_strength, repetition=int(repetition), sampler=sampler)
                 total = request.num_images * (request.repetition if source is not None else 1)
                 progress_area = st.empty()
                 with progress_area.container():

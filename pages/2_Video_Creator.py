@@ -7,6 +7,7 @@ import time
 import streamlit as st
 
 from diffsynth.controlnets.annotators import PROCESSOR_IDS
+from diffsynth.schedulers.base import SAMPLER_HELP, sampler_names
 from diffsynth.webui.choices import (CUSTOM_SIZE, SIZE_PRESETS, available_devices, gpu_process_choices, guess_processor, model_files,
                                     snap_to_8)
 from diffsynth.utils.sizes import human_bytes
@@ -187,6 +188,7 @@ with form_column:
         c1, c2 = st.columns(2)
         form.num_inference_steps = c1.slider("Inference steps", 1, 100, 10, key="steps")
         form.denoising_strength = c2.slider("Denoising strength", 0.01, 1.0, 1.0, key="denoising_strength")
+        form.sampler = c1.selectbox("Sampler", sampler_names(), key="sampler", help=SAMPLER_HELP)
 
     with st.expander("Efficiency (only for saving VRAM; results do not change)", expanded=False):
         c1, c2 = st.columns(2)

@@ -100,3 +100,33 @@ def test_img2img_matches_reference(tiny_pipe, reference_modules):
     torch.manual_seed(5)
     ours = np.asarray(tiny_pipe("a dog", cfg_scale=5.0, input_image=image, denoising_strength=0.6, height=64, width=64, num_inference_steps=5, progress_bar_cmd=None))
     _compare(ours, ref)
+
+
+# SD 1.5's scheduler config, as a diffusers user gets it with the model (scheduler/scheduler_config.json)
+SD15_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+                      timestep_spacing="leading", clip_sample=False, set_alpha_to_one=False, prediction_type="epsilon")
+
+
+@pytest.mark.parametrize("sampler, scheduler, extra, steps", [
+    ("euler", "EulerDiscreteScheduler", {}, 6),
+    ("euler_a", "EulerAncestralDiscreteScheduler", {}, 6),
+    ("dpmpp_2m", "DPMSolverMultistepScheduler", {}, 6),
+    ("dpmpp_2m_karras", "DPMSolverMultistepScheduler", {"use_karras_sigmas": True}, 6),
+    ("lcm", "LCMScheduler", {}, 4),
+])
+def test_samplers_match_diffusers_pipeline(tiny_pipe, reference_modules, sampler, scheduler, extra, steps):
+    """A seed gives diffusers' StableDiffusionPipeline's image with the matching scheduler (same weights, same generator)."""
+    unet, vae, text = reference_modules
+    pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=load_clip_tokenizer(), unet=unet,
+                                             scheduler=getattr(diffusers, scheduler).from_config({**SD15_SCHEDULER, **extra}),
+                                             safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(negative_prompt="blurry", height=64, width=80, num_inference_steps=steps)
+    with torch.no_grad():
+        ref = pipe("a photo of a cat", guidance_scale=7.5, generator=torch.Generator().manual_seed(11), output_type="np", **kw).images[0]
+    ref = (ref * 255).astype(np.uint8)  # truncation, as ours (and the original) converts
+    ours = np.asarray(tiny_pipe("a photo of a cat", cfg_scale=7.5, generator=torch.Generator().manual_seed(11), sampler=sampler,
+                                progress_bar_cmd=None, **kw))
+    _compare(ours, ref)
+    ddim = np.asarray(tiny_pipe("a photo of a cat", cfg_scale=7.5, generator=torch.Generator().manual_seed(11), progress_bar_cmd=None, **kw))
+    assert np.abs(ddim.astype(int) - ours.astype(int)).max() > 3  # the sampler changed the image

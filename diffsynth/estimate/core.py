@@ -251,9 +251,11 @@ def _disk_timeline(view, width: int, height: int, png_source: float, png_control
             disk.add(4, "smoothed", n * (latent + png_out))
             _smoother_pass(disk, 4, fastblend, n, png_out, "smoother/blended")
             disk.add(4, "smoothed", n * (png_out + latent))
-        disk.add(4, "latents/next", n * latent + journal)
+        # a multistep sampler keeps each frame's previous x0 beside the latents: the step's and the next one's
+        multistep = n * latent if view.multistep else 0
+        disk.add(4, "latents/next", n * latent + journal + multistep)
         disk.remove("latents/next", "latents/step_000", "smoothed")
-        disk.now["latents/final"] = n * latent
+        disk.now["latents/final"] = n * latent + (multistep if step + 1 < steps else 0)
     disk.mark(4)
     if view.final_smoothing:
         disk.add(5, "latents/decoded", n * png_out)

@@ -482,6 +482,24 @@ def _audio(data: dict, origins: dict[str, PathOrigin], checked: Checked, media: 
     return AudioClip(path=media.path, start=start, duration=duration, note=f"audio of {name} from {float(start):.3f} s")
 
 
+def _check_sampler(config: dict, checked: Checked) -> None:
+    """``pipeline_inputs.sampler``: a known name; LCM without an LCM model is warned about (a note naming the file to get)."""
+    from ..schedulers.base import check_sampler_name
+
+    inputs = config["pipeline"]["pipeline_inputs"]
+    name = inputs.get("sampler", "ddim")
+    problem = check_sampler_name(name)
+    if problem is not None:
+        checked.add("pipeline.pipeline_inputs.sampler", f"is {name!r}, which is not a sampler", problem.split("; ", 1)[1])
+        return
+    if name == "lcm":  # consistency sampling on a model not distilled for it gives mush: say which file is missing
+        from ..models.detect import lcm_warning
+
+        note = lcm_warning(config["models"].get("model_list") or [], "sd1", video=True, headers=checked.headers)
+        if note:
+            checked.notes.append(note)
+
+
 def check_config(config: dict, origins: dict[str, PathOrigin]) -> Checked:
     """Run every check on a config whose paths are resolved (``config_paths.resolve_config_paths``)."""
     checked = Checked()
@@ -497,4 +515,6 @@ def check_config(config: dict, origins: dict[str, PathOrigin]) -> Checked:
     _check_finish(config, origins, checked)
     if not isinstance(config["pipeline"].get("pipeline_inputs"), dict) or "prompt" not in config["pipeline"]["pipeline_inputs"]:
         checked.add("pipeline.pipeline_inputs.prompt", "is missing", "give the prompt")
+    else:
+        _check_sampler(config, checked)
     return checked

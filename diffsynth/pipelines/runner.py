@@ -361,8 +361,11 @@ class SDVideoPipelineRunner:
         k2 = stable_hash({"stage": 2, "models": model_ids, "alphas": models.get("lora_alphas", []), "ti": ti,
                           "prompt": inputs.get("prompt"), "negative": inputs.get("negative_prompt", ""), "clip_skip": inputs.get("clip_skip", 1),
                           **({"beautiful_prompt_seed": pipeline.get("seed", 0)} if refines else {})})
+        # The sampler makes the schedule (and img2img's first noise level): keyed from stage 3 on, except DDIM (the keys before samplers)
+        sampler = {"sampler": inputs["sampler"]} if inputs.get("sampler", "ddim") != "ddim" else {}
         k3 = stable_hash({"stage": 3, "k0": k0, "models": model_ids, "seed": pipeline.get("seed", 0), "n": plan["num_frames"],
-                          "size": [plan["height"], plan["width"]], "strength": inputs.get("denoising_strength", 1.0), "steps": inputs.get("num_inference_steps", 20)})
+                          "size": [plan["height"], plan["width"]], "strength": inputs.get("denoising_strength", 1.0), "steps": inputs.get("num_inference_steps", 20),
+                          **sampler})
         # The smoother enters denoising only through the steps it smooths inside the loop: a smoother
         # that only smooths the final frames (stages 6-8) must not invalidate the denoised latents.
         denoise = denoising_plan(inputs, plan["num_frames"])

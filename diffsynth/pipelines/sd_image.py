@@ -23,6 +23,7 @@ from ..models.sd_controlnet import SDControlNet
 from ..progress import ProgressCallback, track
 from ..prompts import SDPrompter
 from ..schedulers import EnhancedDDIMScheduler
+from ..schedulers.base import make_sampler
 
 LATENT_FACTOR = 8
 
@@ -63,6 +64,11 @@ class LatentImagePipeline:
         self.unet = None
         self.vae_decoder = None
         self.vae_encoder = None
+
+    def use_sampler(self, name: str) -> None:
+        """Sample with ``name`` from now on (``diffsynth.schedulers``: ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, lcm)."""
+        if getattr(self.scheduler, "name", None) != name:
+            self.scheduler = make_sampler(name, beta_schedule=self.scheduler.beta_schedule)
 
     def encode_image(self, image: Image.Image, tiled: bool = False, tile_size: int = 64, tile_stride: int = 32) -> torch.Tensor:
         if self.vae_encoder is None:
@@ -157,9 +163,12 @@ class SDImagePipeline(LatentImagePipeline):
         progress_bar_st=None,
         progress_callback: ProgressCallback | None = None,
         generator: torch.Generator | None = None,
+        sampler: str = "ddim",
     ) -> Image.Image:
-        """Render one image. ``progress_bar_st`` is accepted for compatibility; UIs pass ``progress_callback``."""
-        latents = initial_latents(self, input_image, denoising_strength, num_inference_steps, height, width, tiled, tile_size, tile_stride, generator)
+        """Render one image. ``progress_bar_st`` is accepted for compatibility; UIs pass ``progress_callback``.
+        ``sampler``: ddim (the original's), euler, euler_a, dpmpp_2m, dpmpp_2m_karras or lcm."""
+        latents = initial_latents(self, input_image, denoising_strength, num_inference_steps, height, width, tiled, tile_size, tile_stride, generator,
+                                  sampler)
 
         prompt_emb_posi = self.prompter.encode_prompt(self.text_encoder, prompt, clip_skip=clip_skip, device=self.device, positive=True)
         prompt_emb_nega = None
@@ -174,21 +183,24 @@ class SDImagePipeline(LatentImagePipeline):
             conditionings = self.controlnet.process_image(image).unsqueeze(1)
 
         predict = lambda x, t, emb: self.predict_noise(x, t, emb, conditionings, tiled, tile_size, tile_stride)  # noqa: E731
-        latents = denoise(self, latents, predict, prompt_emb_posi, prompt_emb_nega, cfg_scale, progress_bar_cmd, progress_callback, progress_bar_st)
+        latents = denoise(self, latents, predict, prompt_emb_posi, prompt_emb_nega, cfg_scale, progress_bar_cmd, progress_callback, progress_bar_st,
+                          generator)
         return self.decode_image(latents, tiled, tile_size, tile_stride)
 
 
 def initial_latents(pipe, input_image: Image.Image | None, denoising_strength: float, num_inference_steps: int, height: int, width: int,
-                    tiled: bool, tile_size: int, tile_stride: int, generator: torch.Generator | None) -> torch.Tensor:
-    """Set ``pipe.scheduler``'s timesteps and return the starting latents of an image pipeline.
+                    tiled: bool, tile_size: int, tile_stride: int, generator: torch.Generator | None, sampler: str = "ddim") -> torch.Tensor:
+    """Choose ``pipe.scheduler`` (the ``sampler``), set its timesteps and return the starting latents of an image pipeline.
 
-    Text-to-image: noise ``randn(1, 4, h, w)`` from the CPU RNG (or ``generator``). Image-to-image:
-    the encoded ``input_image`` noised to the first timestep, the noise drawn after the encode (as
-    the original, so a seed gives the original's image).
+    Text-to-image: noise ``randn(1, 4, h, w)`` from the CPU RNG (or ``generator``): every sampler
+    starts from it (``diffsynth.schedulers.base``: diffusers' noise times its initial sigma, in our
+    convention). Image-to-image: the encoded ``input_image`` noised to the first step's level, the
+    noise drawn after the encode (as the original, so a seed gives the original's image).
     """
     check_size(height, width)
     if not 0 < denoising_strength <= 1:
         raise ValueError(f"denoising_strength must be in (0, 1], got {denoising_strength}")
+    pipe.use_sampler(sampler)
     pipe.scheduler.set_timesteps(num_inference_steps, denoising_strength)
     shape = (1, 4, height // LATENT_FACTOR, width // LATENT_FACTOR)
     if input_image is None:
@@ -204,17 +216,28 @@ def initial_latents(pipe, input_image: Image.Image | None, denoising_strength: f
 
 
 def denoise(pipe, latents: torch.Tensor, predict: Callable, positive, negative, cfg_scale: float,
-            progress_bar_cmd: Callable | None, progress_callback: ProgressCallback | None, progress_bar_st=None) -> torch.Tensor:
-    """The DDIM loop of an image pipeline: ``predict(latents, t, prompt)`` per timestep, classifier-free
-    guidance as two passes (one when ``negative`` is None, i.e. ``cfg_scale == 1``)."""
-    timesteps = pipe.scheduler.timesteps
+            progress_bar_cmd: Callable | None, progress_callback: ProgressCallback | None, progress_bar_st=None,
+            generator: torch.Generator | None = None) -> torch.Tensor:
+    """The sampling loop of an image pipeline: ``predict(latents, t, prompt)`` per timestep, classifier-free
+    guidance as two passes (one when ``negative`` is None, i.e. ``cfg_scale == 1``).
+
+    A multistep sampler gets the previous step's x0 prediction; a stochastic one fresh noise each step,
+    drawn on the CPU from ``generator`` (the global RNG without one) after the step's model calls, as
+    diffusers draws it: a seed gives diffusers' image with the same scheduler.
+    """
+    sampler = pipe.scheduler
+    timesteps = sampler.timesteps
+    previous = None
     for timestep in track(timesteps, "denoising", len(timesteps), progress_bar_cmd, progress_callback):
         t = timestep.to(pipe.device)
         noise_pred = predict(latents, t, positive)
         if negative is not None:
             noise_nega = predict(latents, t, negative)
             noise_pred = noise_nega + cfg_scale * (noise_pred - noise_nega)
-        latents = pipe.scheduler.step(noise_pred, timestep, latents)
+        noise = draw_noise(tuple(latents.shape), generator).to(latents.device, latents.dtype) if sampler.needs_noise else None
+        current = sampler.x0(noise_pred, timestep, latents) if sampler.needs_previous else None
+        latents = sampler.step(noise_pred, timestep, latents, previous=previous, noise=noise)
+        previous = current
         if progress_bar_st is not None:
             progress_bar_st.progress(float((timesteps == timestep).nonzero()[0, 0] + 1) / len(timesteps))
     return latents

@@ -39,6 +39,7 @@ from ..models.model_manager import ModelManager
 from ..progress import ProgressCallback, ProgressEvent, wrap_progress_bar
 from ..prompts import SDPrompter
 from ..schedulers import EnhancedDDIMScheduler
+from ..schedulers.base import frame_step_noise, make_sampler
 from .sd_image import LATENT_FACTOR, build_controlnet_manager, check_size, preprocess_image, tensor_to_images
 
 logger = logging.getLogger("diffsynth")
@@ -160,6 +161,12 @@ class WindowJournal:
             shutil.rmtree(self.folder)
 
 
+def previous_folder(generation: int) -> str:
+    """Where a multistep sampler keeps, for latent generation ``generation``, each frame's x0 prediction of the step before
+    (relative to the output folder, beside ``latents/step_<g>``)."""
+    return os.path.join("latents", f"previous_{generation:03d}")
+
+
 VideoFrames = StoreFrames  # the video pipeline's result: a lazy frame sequence backed by output_folder/frames
 
 
@@ -176,6 +183,11 @@ class SDVideoPipeline:
         self.vae_decoder_fp32 = None
         self.motion_modules = None
         self.controlnet: MultiControlNetManager | None = None
+
+    def use_sampler(self, name: str) -> None:
+        """Sample with ``name`` (``diffsynth.schedulers``) from now on, over this pipeline's noise schedule (AnimateDiff's linear one)."""
+        if getattr(self.scheduler, "name", None) != name:
+            self.scheduler = make_sampler(name, beta_schedule=self.scheduler.beta_schedule)
 
     @staticmethod
     def from_model_manager(
@@ -274,7 +286,7 @@ class SDVideoPipeline:
         return run(emb_posi), (run(emb_nega) if emb_nega is not None else None)
 
     def denoise_step(self, step, src, dst, cond_stores, emb_posi, emb_nega, options, progress, x0_store=None, journal=None, cluster=None,
-                     frames: range | None = None):
+                     frames: range | None = None, previous=None, next_previous=None):
         """One timestep over the frames missing from ``dst`` (or ``x0_store``), window by window.
 
         A frame's noise prediction is the running weighted mean (:class:`RunningMean`) of its
@@ -292,6 +304,11 @@ class SDVideoPipeline:
         window writes it; in a folder of its own (``frames``: the frames this rank's windows
         cover, the only ones it looks for there) every rank holding a frame writes it. The caller
         meets the other ranks at a barrier after this returns.
+
+        A multistep sampler reads each frame's previous x0 prediction from ``previous`` (the store
+        kept with ``src``) and writes the new one into ``next_previous`` (kept with ``dst``) before
+        the frame's latent; a stochastic one draws its noise per frame and step
+        (:meth:`advance`).
         """
         from ..distributed import Cluster, window_owners
 
@@ -329,7 +346,9 @@ class SDVideoPipeline:
                 eps = neg + options["cfg_scale"] * (eps - neg)
             latent = open_latents.pop(i) if i in open_latents else src[i]
             open_cond.pop(i, None)
-            return self.scheduler.step(eps, t, latent, to_final=x0_store is not None)
+            if x0_store is not None:
+                return self.scheduler.step(eps, t, latent, to_final=True)
+            return self.advance(i, step, eps, latent, options, previous, next_previous)
 
         with WriteBehind(target) as writer:
             for position, k in enumerate(my_windows):
@@ -394,6 +413,22 @@ class SDVideoPipeline:
                         writer.put(i, latent)
         if journal is not None and cluster.world == 1:
             journal.remove()
+
+    def advance(self, i: int, step: int, eps: torch.Tensor, latent: torch.Tensor, options: dict, previous=None, next_previous=None) -> torch.Tensor:
+        """Frame ``i``'s latent after step ``step`` (``eps``: its guided noise prediction), with the sampler's per-frame state.
+
+        A multistep sampler's x0 prediction of this step is written into ``next_previous`` before
+        the caller writes the latent: a latent on disk always has its state beside it, so a killed
+        run resumes bit for bit. A stochastic sampler's noise is :func:`frame_step_noise` of the
+        run's ``options["noise_seed"]``, this frame and this step.
+        """
+        sampler = self.scheduler
+        t = sampler.timesteps[step]
+        before = previous[i] if sampler.needs_previous and previous is not None else None
+        noise = frame_step_noise(options.get("noise_seed", 0), i, step, latent.shape) if sampler.needs_noise else None
+        if sampler.needs_previous and next_previous is not None:
+            next_previous.put(i, sampler.x0(eps, t, latent).contiguous())
+        return sampler.step(eps, t, latent, previous=before, noise=noise)
 
     @staticmethod
     def _exchange_boundary(cluster, boundary, held, holders, cover, owners, with_negative, shape):
@@ -470,6 +505,7 @@ class SDVideoPipeline:
         in_memory: bool = False,
         progress_callback: ProgressCallback | None = None,
         generator: torch.Generator | None = None,
+        sampler: str = "ddim",
     ) -> VideoFrames:
         """Render ``num_frames`` frames; returns a lazy sequence of PIL frames backed by ``output_folder/frames``.
 
@@ -477,7 +513,9 @@ class SDVideoPipeline:
         stores. ``in_memory=True`` keeps every per-frame artifact in RAM instead
         (short clips, tests); ``output_folder=None`` uses a temporary folder that
         is removed when the result is garbage-collected. Noise comes from the
-        global torch RNG (or ``generator``) as in the original.
+        global torch RNG (or ``generator``) as in the original. ``sampler``: ddim (the
+        original's), euler, euler_a, dpmpp_2m, dpmpp_2m_karras or lcm; a stochastic one draws
+        its per-frame noise from a seed taken from the RNG after the initial noise.
         """
         check_size(height, width)
         if num_frames is None:
@@ -515,12 +553,15 @@ class SDVideoPipeline:
             call = dict(prompt=prompt, negative_prompt=negative_prompt, cfg_scale=cfg_scale, clip_skip=clip_skip, num_frames=num_frames,
                         denoising_strength=denoising_strength, height=height, width=width, num_inference_steps=num_inference_steps,
                         animatediff_batch_size=animatediff_batch_size, animatediff_stride=animatediff_stride,
-                        cross_frame_attention=cross_frame_attention, smoother=smoother is not None, smoother_progress_ids=sorted(smoother_ids))
+                        cross_frame_attention=cross_frame_attention, smoother=smoother is not None, smoother_progress_ids=sorted(smoother_ids),
+                        **({"sampler": sampler} if sampler != "ddim" else {}))
             self._claim_folder(root, call, generator, input_frames, controlnet_frames)
+        self.use_sampler(sampler)
         self.scheduler.set_timesteps(num_inference_steps, denoising_strength)
         progress = _Progress(progress_bar_cmd, progress_callback, progress_bar_st, num_inference_steps)
 
         latents = self.initial_latents(input_frames, num_frames, width, height, denoising_strength, root, generator, progress)
+        noise_seed = int(torch.randint(0, 2**62, (1,), generator=generator)) if self.scheduler.needs_noise else 0
         if global_rng:
             torch.set_rng_state(generator.get_state())
         emb_posi = self.prompter.encode_prompt(self.text_encoder, prompt, clip_skip=clip_skip, device=self.device, positive=True)
@@ -531,22 +572,31 @@ class SDVideoPipeline:
 
         options = dict(cfg_scale=cfg_scale, animatediff_batch_size=animatediff_batch_size, animatediff_stride=animatediff_stride,
                        unet_batch_size=unet_batch_size, controlnet_batch_size=controlnet_batch_size,
-                       cross_frame_attention=cross_frame_attention, vram_limit_level=vram_limit_level)
+                       cross_frame_attention=cross_frame_attention, vram_limit_level=vram_limit_level, noise_seed=noise_seed)
         shape = latents[0].shape
         guide = as_store(input_frames) if input_frames is not None else None
+        previous = None
         for step in range(len(self.scheduler.timesteps)):
             progress.begin_step(step)
             nxt = tensor_store(self._stores(root, os.path.join("latents", f"step_{step + 1:03d}")), num_frames, shape=shape, dtype=torch.float32)
+            nxt_previous = (tensor_store(self._stores(root, previous_folder(step + 1)), num_frames, shape=shape, dtype=torch.float32)
+                            if self.scheduler.needs_previous else None)
             journal = None if root is None else WindowJournal(os.path.join(root, "latents", f"step_{step + 1:03d}_journal"))
             if not nxt.complete():
                 if smoother is not None and step in smoother_ids:
-                    self._smoothed_step(step, latents, nxt, cond_stores, emb_posi, emb_nega, options, progress, smoother, guide, root, shape)
+                    self._smoothed_step(step, latents, nxt, cond_stores, emb_posi, emb_nega, options, progress, smoother, guide, root, shape,
+                                        previous=previous, next_previous=nxt_previous)
                 else:
-                    self.denoise_step(step, latents, nxt, cond_stores, emb_posi, emb_nega, options, progress, journal=journal)
+                    self.denoise_step(step, latents, nxt, cond_stores, emb_posi, emb_nega, options, progress, journal=journal,
+                                      previous=previous, next_previous=nxt_previous)
             if journal is not None:
                 journal.remove()  # left behind when a kill came between the step's last commit and denoise_step's removal
             _remove_store(latents)
-            latents = nxt
+            if previous is not None:
+                _remove_store(previous)
+            latents, previous = nxt, nxt_previous
+        if previous is not None:
+            _remove_store(previous)
 
         final_smoothing = smoother is not None and (-1 in smoother_ids or num_inference_steps in smoother_ids)
         decoded = image_store(self._stores(root, os.path.join("latents", "decoded") if final_smoothing else "frames"), num_frames, size=(width, height))
@@ -600,7 +650,7 @@ class SDVideoPipeline:
 
     def _smoothed_step(self, step, latents, nxt, cond_stores, emb_posi, emb_nega, options, progress, smoother, guide, root, shape,
                        cluster=None, share: range | None = None, smooth=None, fetch=None, decode_share: range | None = None,
-                       cover: range | None = None):
+                       cover: range | None = None, previous=None, next_previous=None):
         """x0 of every frame → decode → smoother → encode → ε that lands on the smoothed x0 → DDIM step (the original's loop).
 
         Several processes: the x0 pass is split as :meth:`denoise_step`, decode, encode and the
@@ -639,7 +689,7 @@ class SDVideoPipeline:
         with WriteBehind(nxt) as writer:
             for i in _within(nxt.missing(), share):
                 eps = self.scheduler.return_to_timestep(t, latents[i], target[i])
-                writer.put(i, self.scheduler.step(eps, t, latents[i]))
+                writer.put(i, self.advance(i, step, eps, latents[i], options, previous, next_previous))
         cluster.barrier(f"step {step + 1} stepped")
         if cluster.folder_leader:
             for store in (x0, decoded, smoothed, target):

@@ -111,12 +111,14 @@ class SDXLImagePipeline(LatentImagePipeline):
         progress_bar_st=None,
         progress_callback: ProgressCallback | None = None,
         generator: torch.Generator | None = None,
+        sampler: str = "ddim",
     ) -> Image.Image:
-        """Render one image. ``clip_skip`` applies to the CLIP-L encoder (1 = its penultimate layer),
+        """Render one image (``sampler``: ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, lcm). ``clip_skip`` applies to the CLIP-L encoder (1 = its penultimate layer),
         ``clip_skip_2`` to the bigG encoder (2 = penultimate). SDXL Turbo: ``num_inference_steps=1,
         cfg_scale=1`` at 512×512. ``tiled`` runs the attention layers and the VAE by tiles (2048² and
         up). ``progress_bar_st`` is accepted for compatibility; UIs pass ``progress_callback``."""
-        latents = initial_latents(self, input_image, denoising_strength, num_inference_steps, height, width, tiled, tile_size, tile_stride, generator)
+        latents = initial_latents(self, input_image, denoising_strength, num_inference_steps, height, width, tiled, tile_size, tile_stride, generator,
+                                  sampler)
 
         prompt_posi = self.encode_prompt(prompt, clip_skip, clip_skip_2, True, height, width)
         prompt_nega = None
@@ -124,5 +126,6 @@ class SDXLImagePipeline(LatentImagePipeline):
             prompt_nega = self.encode_prompt(negative_prompt, clip_skip, clip_skip_2, False, height, width)
 
         predict = lambda x, t, emb: self.predict_noise(x, t, emb, tiled, tile_size, tile_stride)  # noqa: E731
-        latents = denoise(self, latents, predict, prompt_posi, prompt_nega, cfg_scale, progress_bar_cmd, progress_callback, progress_bar_st)
+        latents = denoise(self, latents, predict, prompt_posi, prompt_nega, cfg_scale, progress_bar_cmd, progress_callback, progress_bar_st,
+                          generator)
         return self.decode_image(latents, tiled, tile_size, tile_stride)

@@ -95,6 +95,7 @@ class ImageRequest:
     input_image: Image.Image | None = None
     denoising_strength: float = 0.7
     repetition: int = 1
+    sampler: str = "ddim"  # diffsynth.schedulers: ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, lcm
 
 
 def plan_seeds(request: ImageRequest) -> list[int]:
@@ -111,7 +112,7 @@ def generate(pipe, request: ImageRequest, fixed: dict, progress: Callable[[int],
     ``progress(i)`` gives the callback for image i. Without an input image the strength is 1 (text-to-image)."""
     seeds = plan_seeds(request)
     args = dict(prompt=request.prompt, negative_prompt=request.negative_prompt, cfg_scale=request.cfg_scale,
-                num_inference_steps=request.num_inference_steps, height=request.height, width=request.width)
+                num_inference_steps=request.num_inference_steps, height=request.height, width=request.width, sampler=request.sampler)
     args.update(fixed)
     outputs: list[tuple[Image.Image, int]] = []
     for i, seed in enumerate(seeds):

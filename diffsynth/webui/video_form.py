@@ -164,6 +164,7 @@ class VideoForm:
     cfg_scale: float = 7.0
     clip_skip: int = 1
     num_inference_steps: int = 10
+    sampler: str = "ddim"  # pipeline_inputs.sampler (diffsynth.schedulers)
     denoising_strength: float = 1.0
     animatediff_batch_size: int = 16
     animatediff_stride: int = 8
@@ -318,6 +319,7 @@ def build_video_config(form: VideoForm, models_root: str) -> dict:
                 "clip_skip": int(form.clip_skip),
                 "denoising_strength": float(form.denoising_strength),
                 "num_inference_steps": int(form.num_inference_steps),
+                "sampler": form.sampler,
                 "animatediff_batch_size": int(form.animatediff_batch_size),
                 "animatediff_stride": stride,
                 "unet_batch_size": int(form.unet_batch_size),
