@@ -324,3 +324,22 @@ def test_only_the_boundary_frames_predictions_cross_ranks_once_per_step(project,
     assert sum(sent) > 0 and sent[0] < FRAMES * 2 * latent_bytes  # a boundary, not the video
     measured = [json.load(open(os.path.join(logs, f"times.rank{r}.attempt0.json")))["bytes_exchanged"] for r in (0, 1)]
     assert measured == [2 * s for s in sent]  # two denoising passes
+
+
+def test_a_multistep_sampler_renders_the_same_frames_on_two_nodes_without_a_shared_folder(project, tmp_path):
+    """DPM-Solver++ 2M Karras keeps each frame's previous x0 beside the latents: with a folder per machine the boundary
+    frames' states travel like their latents, and rank 0's folder ends with the single process's render."""
+    config = dict(project["config"])
+    config["pipeline"] = dict(config["pipeline"], pipeline_inputs=dict(config["pipeline"]["pipeline_inputs"], sampler="dpmpp_2m_karras",
+                                                                        num_inference_steps=3))
+    path = str(tmp_path / "config.json")
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(config, f)
+    single = str(tmp_path / "single")
+    _ok(_diffsynth("run", path, "--output-folder", single))
+    outs = [str(tmp_path / "node0"), str(tmp_path / "node1")]
+    codes, logs = _two_nodes([path] * 2, outs)
+    assert codes == [0, 0], logs
+    assert _frames(outs[0]) == _frames(single)
+    latents = os.path.join(outs[0], "latents")
+    assert not os.path.isdir(latents) or not [name for name in os.listdir(latents) if name.startswith("previous_")]  # cleaned up
