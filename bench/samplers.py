@@ -1,7 +1,7 @@
 """Fewer steps: UNet calls and wall time of one tiny Diffutoon job with DDIM 10 steps vs DPM-Solver++ 2M Karras 6 vs LCM 4.
 
 The job is ``diffsynth demo``'s project (SD 1.x + AnimateDiff + 2 ControlNet units, FastBlend on the
-final frames; tiny random-weight models), ``--frames`` frames of ``--size`` px, windows of 8 frames
+final frames; tiny random-weight models; LCM with AnimateLCM's motion module, at cfg 1.5), ``--frames`` frames of ``--size`` px, windows of 8 frames
 with stride 4, rendered once per sampler into a fresh folder, one after the other in this process
 (the models are loaded by each render, as a user's run does). Prints per sampler the UNet calls
 (counted at the UNet's forward), the wall time of the whole render and of its denoising stage
@@ -30,6 +30,7 @@ def main() -> None:
 
     from diffsynth.models.sd_unet import SDUNet
     from diffsynth.pipelines.runner import SDVideoPipelineRunner
+    from diffsynth.testing.lcm_files import write_animatelcm_motion_module
     from diffsynth.testing.runner_files import write_tiny_project
 
     calls = [0]
@@ -42,12 +43,15 @@ def main() -> None:
     SDUNet.forward = counting
     with tempfile.TemporaryDirectory() as tmp:
         base = write_tiny_project(os.path.join(tmp, "project"), frames=args.frames, size=args.size, smoother=True)
+        animatelcm = write_animatelcm_motion_module(os.path.join(tmp, "project", "models", "AnimateDiff", "AnimateLCM_sd15_t2v.ckpt"))
         base["pipeline"]["pipeline_inputs"].update(animatediff_batch_size=8, animatediff_stride=4)
         results = []
         for sampler, steps in JOBS:
             config = copy.deepcopy(base)
             config["data"]["output_folder"] = os.path.join(tmp, f"out_{sampler}")
             config["pipeline"]["pipeline_inputs"].update(sampler=sampler, num_inference_steps=steps, cfg_scale=1.5 if sampler == "lcm" else 7.5)
+            if sampler == "lcm":  # LCM renders with AnimateLCM's motion module in place of AnimateDiff's (same size: same cost)
+                config["models"]["model_list"] = [animatelcm if "AnimateDiff" in p else p for p in config["models"]["model_list"]]
             calls[0] = 0
             began = time.perf_counter()
             SDVideoPipelineRunner(progress_bar_cmd=None).run(config)
