@@ -100,8 +100,10 @@ def mux_audio(video: str, audio: AudioClip, path: str, muxer: str, options: Outp
 
 
 def _encode(frames: Iterator, tmp: str, muxer: str, fps, options: OutputOptions, ffmpeg_params, save_path: str,
-            extra_inputs: list[str] | None = None) -> int:
-    """Feed ``frames`` to an encoder writing ``tmp``; returns the count. On any error ffmpeg is killed."""
+            extra_inputs: list[str] | None = None, output_args: list[str] | None = None) -> int:
+    """Feed ``frames`` to an encoder writing ``tmp``; returns the count. On any error ffmpeg is killed.
+
+    ``output_args``: ffmpeg's output options instead of ``options``' (a GIF's palette pass)."""
     encoder = None
     count = 0
     pad = options.even_sides
@@ -110,7 +112,7 @@ def _encode(frames: Iterator, tmp: str, muxer: str, fps, options: OutputOptions,
             array = _rgb_array(frame, count)
             if encoder is None:
                 first_shape = array.shape
-                encoder = _start_encoder(array.shape, tmp, muxer, fps, options, ffmpeg_params, save_path, extra_inputs)
+                encoder = _start_encoder(array.shape, tmp, muxer, fps, options, ffmpeg_params, save_path, extra_inputs, output_args)
             elif array.shape != first_shape:
                 raise ValueError(f"frame {count} is {array.shape[1]}x{array.shape[0]} but frame 0 is "
                                  f"{first_shape[1]}x{first_shape[0]}; all frames of a video must have one size")
@@ -132,39 +134,21 @@ def _encode_gif(frames, tmp: str, fps, options: OutputOptions, ffmpeg_params, sa
         raise TypeError(f"a GIF reads its frames twice (palette, then image): give save_video a list or a store, not a one-shot "
                         f"{type(frames).__name__}, to write {save_path}")
     with scratch_path(save_path) as palette:
-        _palette(frames, palette, fps, save_path)
+        _encode(_frames(frames, "gif palette", None), palette, "image2", fps, options, None, save_path,
+                output_args=["-vf", "palettegen=stats_mode=full", "-update", "1", "-c:v", "png"])
         return _encode(_frames(frames, "save video", progress_bar_cmd), tmp, "gif", fps, options, ffmpeg_params, save_path,
                        extra_inputs=["-f", "png_pipe", "-i", palette])
 
 
-def _palette(frames, palette: str, fps, save_path: str) -> None:
-    encoder = None
-    try:
-        for count, frame in enumerate(_frames(frames, "gif palette", None)):
-            array = _rgb_array(frame, count)
-            if encoder is None:
-                height, width = array.shape[:2]
-                encoder = FrameEncoder(palette, "image2", width, height, fps, ["-vf", "palettegen=stats_mode=full", "-update", "1",
-                                                                               "-c:v", "png"], name=save_path)
-            encoder.write(array)
-        if encoder is None:
-            raise ValueError(f"no frames to write to {save_path}")
-        encoder.finish()
-    except BaseException:
-        if encoder is not None:
-            encoder.abort()
-        raise
-
-
 def _start_encoder(shape: tuple, tmp: str, muxer: str, fps, options: OutputOptions, ffmpeg_params, save_path: str,
-                   extra_inputs: list[str] | None) -> FrameEncoder:
+                   extra_inputs: list[str] | None, output_args: list[str] | None = None) -> FrameEncoder:
     height, width = shape[:2]
     if options.even_sides and (height % 2 or width % 2):
         logger.warning("save_video %s: frames are %dx%d (odd); padding to %dx%d by repeating the last row/column, "
                        "as %s needs even sides", save_path, width, height, _even(width), _even(height), options.pix_fmt)
         width, height = _even(width), _even(height)
-    return FrameEncoder(tmp, muxer, width, height, fps, [*options.video_args(), *(ffmpeg_params or [])], name=save_path,
-                        extra_inputs=extra_inputs)
+    args = output_args if output_args is not None else [*options.video_args(), *(ffmpeg_params or [])]
+    return FrameEncoder(tmp, muxer, width, height, fps, args, name=save_path, extra_inputs=extra_inputs)
 
 
 def save_frames(frames: Iterable, folder: str | os.PathLike, start: int = 0, zero_pad: int | None = None,
