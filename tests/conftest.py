@@ -43,3 +43,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def server():
+    """A pre-imported fork server for the killed-and-rerun renders (``diffsynth.testing.crash_child``), one per test module."""
+    from diffsynth.testing.crash_child import ForkServer
+
+    with ForkServer(timeout=300) as s:
+        yield s

@@ -28,7 +28,6 @@ import numpy as np
 import pytest
 
 from diffsynth.utils.sizes import human_bytes
-from diffsynth.testing.crash_child import ForkServer
 from diffsynth.testing.runner_files import write_tiny_project
 from diffsynth.utils.atomic import is_temp_name
 
@@ -37,12 +36,6 @@ CALLS_PER_STEP = 3 * WINDOW_CALLS
 
 
 # ---------------------------------------------------------------------- fixtures and helpers
-
-
-@pytest.fixture(scope="module")
-def server():
-    with ForkServer(timeout=300) as s:
-        yield s
 
 
 @pytest.fixture(scope="module")

@@ -19,16 +19,9 @@ import torch
 from diffsynth.pipelines.runner import SDVideoPipelineRunner
 from diffsynth.pipelines.stages import denoising_plan
 from diffsynth.schedulers.base import frame_step_noise
-from diffsynth.testing.crash_child import ForkServer
 from diffsynth.testing.runner_files import write_tiny_project
 
 CALLS_PER_STEP = 6
-
-
-@pytest.fixture(scope="module")
-def server():
-    with ForkServer(timeout=300) as s:
-        yield s
 
 
 @pytest.fixture(scope="module")
