@@ -52,7 +52,7 @@ def _files(out) -> set[str]:
     return {os.path.relpath(os.path.join(root, name), out) for root, _, names in os.walk(out) for name in names}
 
 
-@pytest.mark.parametrize("sampler", ["euler_a", "dpmpp_2m_karras", "lcm"])
+@pytest.mark.parametrize("sampler", ["euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "lcm"])
 def test_a_kill_mid_step_resumes_identically(server, project, sampler, tmp_path):
     config = copy.deepcopy(project)
     config["pipeline"]["pipeline_inputs"]["sampler"] = sampler
