@@ -131,6 +131,11 @@ def test_probe_gives_exact_rates_audio_and_the_frames_that_decode(clips, tmp_pat
     vfr = probe_media(clips["vfr"])
     assert vfr.variable and vfr.rate_range == (15.0, 30.0)
     assert abs(float(vfr.rate) - vfr.decoded_frames / vfr.duration) < 0.01  # the average rate over the clip
+    swapped = tmp_path / "audio_first.mp4"  # the audio is the input's stream 0, the video its stream 1
+    ffmpeg("-f", "lavfi", "-i", "sine=frequency=300:sample_rate=22050", "-f", "lavfi", "-i", "testsrc2=size=64x48:rate=25", "-t", "1",
+           "-map", "0:a", "-map", "1:v", "-c:v", "libx264", "-pix_fmt", "yuv444p", "-c:a", "aac", "-ac", "1", str(swapped))
+    audio_first = probe_media(str(swapped), count=False)
+    assert (audio_first.pix_fmt, audio_first.rate, [(a.sample_rate, a.channels) for a in audio_first.audio]) == ("yuv444p", 25, [(22050, 1)])
     tree = probe_media(clips["tree"])
     assert (tree.header_frames, tree.decoded_frames, tree.header_lies) == (40, 8, True)
 

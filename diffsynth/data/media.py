@@ -179,7 +179,7 @@ def probe_media(path: str, count: bool = True, decoded_frames: int | None = None
             duration=_stream_duration(packets.get(index, []), Fraction(header["tb"])) if "tb" in header else None))
     if count and decoded_frames is None:
         decoded_frames = count_decodable_frames(path)
-    pix_fmt, color = _pixel_format(described.get(min((i for i, st in streams.items() if st.get("media_type") == "video"), default=0), ""))
+    pix_fmt, color = _pixel_format(described.get(0, ""))  # stream 0 of the listing: the video (-map 0:v:0 comes first)
     match = _DURATION.search(log)
     container_duration = int(match[1]) * 3600 + int(match[2]) * 60 + float(match[3]) if match else None
     start = _START.search(log)
@@ -205,8 +205,14 @@ def _stream_headers(listing: str) -> dict[int, dict[str, str]]:
 
 
 def _described_streams(log: str) -> dict[int, str]:
-    """ffmpeg's one-line description of each input stream (for what framecrc does not list: channel counts)."""
-    return {int(m[1]): line for line in log.splitlines() for m in [_STREAM.search(line)] if m and "Input" not in line}
+    """ffmpeg's one-line description of each copied stream, by its index in the framecrc listing (for what framecrc
+    does not list: channel counts, pixel format, colour tags).
+
+    Read from the "Output #0" section: there the streams are numbered as in the listing (the input's own
+    numbers differ when its audio comes before its video), and a copied stream keeps the input's description.
+    """
+    output = log.split("Output #0", 1)[1] if "Output #0" in log else ""
+    return {int(m[1]): line for line in output.splitlines() for m in [_STREAM.search(line)] if m}
 
 
 def _header_fps(log: str) -> Fraction | None:
