@@ -385,9 +385,10 @@ def _check_output(config: dict, origins: dict[str, PathOrigin], checked: Checked
 def _check_finish(config: dict, origins: dict[str, PathOrigin], checked: Checked) -> None:
     """The finished video: its frame rate (``data.fps``, else the source's exact rate), format (``data.output``), audio (``data.audio``)."""
     data = config["data"]
-    for key, message, remedy in output_problems(data.get("output")):
+    problems = output_problems(data.get("output"))
+    for key, message, remedy in problems:
         checked.add(key, message, remedy)
-    output = OutputOptions.from_config(data.get("output")) if not output_problems(data.get("output")) else None
+    output = None if problems else OutputOptions.from_config(data.get("output"))
     checked.output = output
     source = checked.source
     media = source.media() if source is not None else None

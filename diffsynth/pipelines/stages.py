@@ -26,7 +26,7 @@ from ..data.media import rate_text
 from ..data.output import VIDEO_FILE_NAMES
 from ..progress import ProgressEvent
 from ..prompts import BeautifulPrompt
-from ..schedulers.base import check_sampler_name, make_sampler
+from ..schedulers.base import check_sampler_name, make_sampler, sampler_class
 from ..utils.atomic import atomic_save_safetensors, is_temp_name
 from ..utils.sizes import count_frame_files, path_bytes
 from ..distributed import Cluster, ClusterError, Layout, rank_share
@@ -102,7 +102,7 @@ class StageView:
         self.denoise = denoising_plan(self.inputs, n) if n else None
         sampler = self.inputs.get("sampler", "ddim")
         # a multistep sampler keeps latents/previous_<g> beside the latents (an unknown name: the checks say so, not this view)
-        self.multistep = check_sampler_name(sampler) is None and make_sampler(sampler).needs_previous
+        self.multistep = check_sampler_name(sampler) is None and sampler_class(sampler).needs_previous
 
     def path(self, name: str) -> str:
         return os.path.join(self.out, name)

@@ -33,7 +33,7 @@ import math
 
 import torch
 
-__all__ = ["Sampler", "SAMPLERS", "SAMPLER_HELP", "make_sampler", "sampler_names", "frame_step_noise", "check_sampler_name"]
+__all__ = ["Sampler", "SAMPLERS", "SAMPLER_HELP", "make_sampler", "sampler_class", "sampler_names", "frame_step_noise", "check_sampler_name"]
 
 SAMPLER_HELP = ("ddim: the original's (20-30 steps); dpmpp_2m_karras: DDIM's quality in fewer steps (15-25); dpmpp_2m (20-30); "
                 "euler (20-30); euler_a: ancestral, more varied (20-40); lcm: 4-8 steps with an LCM-LoRA or AnimateLCM (cfg 1-2)")
@@ -61,13 +61,18 @@ def check_sampler_name(name) -> str | None:
     return f"unknown sampler {name!r}; use one of {', '.join(SAMPLERS)}"
 
 
-def make_sampler(name: str = "ddim", beta_schedule: str = "scaled_linear", num_train_timesteps: int = 1000,
-                 beta_start: float = 0.00085, beta_end: float = 0.012) -> "Sampler":
-    """The sampler ``name`` over the given training noise schedule (SD 1.x's by default; AnimateDiff's is ``linear``)."""
+def sampler_class(name: str) -> type:
+    """The class of the sampler ``name`` (its ``needs_previous``/``needs_noise`` without building one); ValueError naming the known ones."""
     problem = check_sampler_name(name)
     if problem is not None:
         raise ValueError(problem)
-    return SAMPLERS[name](num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end, beta_schedule=beta_schedule)
+    return SAMPLERS[name]
+
+
+def make_sampler(name: str = "ddim", beta_schedule: str = "scaled_linear", num_train_timesteps: int = 1000,
+                 beta_start: float = 0.00085, beta_end: float = 0.012) -> "Sampler":
+    """The sampler ``name`` over the given training noise schedule (SD 1.x's by default; AnimateDiff's is ``linear``)."""
+    return sampler_class(name)(num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end, beta_schedule=beta_schedule)
 
 
 def _load_all() -> None:

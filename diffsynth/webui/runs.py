@@ -377,13 +377,6 @@ def _read_json(path: str) -> dict | None:
         return None
 
 
-def _finished(out: str) -> bool:
-    """The last stage of the render in ``out`` is done (a quick look at its manifest)."""
-    manifest = _read_json(os.path.join(out, "manifest.json")) or {}
-    last = str(STAGES[-1][0])
-    return ((manifest.get("stages") or {}).get(last) or {}).get("status") == "done"
-
-
 def _batch_results(root: str) -> dict[str, dict]:
     """``batch.json``'s entries by the clip's output folder (its real path)."""
     entries = (_read_json(os.path.join(root, BATCH_FILE)) or {}).get("clips") or []
@@ -391,9 +384,8 @@ def _batch_results(root: str) -> dict[str, dict]:
 
 
 def _current_clip(root: str) -> str | None:
-    """The clip folder a running batch works on: the unfinished one written last (each writes its manifest as it goes)."""
-    unfinished = [c for c in _subfolders(root) if is_run_folder(c) and not _finished(c)]
-    return _key(max(unfinished, key=_updated)) if unfinished else None
+    """The clip folder a running batch works on: the one ``batch.json`` marks running (the batch writes that as each clip starts)."""
+    return next((key for key, entry in _batch_results(root).items() if entry.get("status") == "running"), None)
 
 
 def batch_clips(root: str) -> list[tuple[str, str]]:
