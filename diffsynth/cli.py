@@ -205,7 +205,7 @@ def _render(config: dict, rerun_hint: str, config_dir: str | None = None, cluste
 
 def _render_batch(config: dict, pattern: str, config_dir: str, force: bool, hint: str) -> int:
     """``run CONFIG --input GLOB|FOLDER``: each clip into OUTPUT/<clip name>/, models loaded once, then a summary table."""
-    from .pipelines.batch import BATCH_FILE, find_clips, run_batch
+    from .pipelines.batch import BATCH_FILE, find_clips, format_summary, run_batch
     from .pipelines.config_paths import resolve_path
     from .pipelines.runner import SDVideoPipelineRunner
 
@@ -213,26 +213,15 @@ def _render_batch(config: dict, pattern: str, config_dir: str, force: bool, hint
     root = resolve_path(config["data"]["output_folder"], config_dir)[0]
     print(f"{len(clips)} clip{'s' if len(clips) != 1 else ''} into {root}/<clip name>/", flush=True)
     runner = SDVideoPipelineRunner(estimate=True, force=force, keep_models=True, on_estimate=lambda e: print(e.format() + "\n", flush=True))
-    results = []
-    try:
-        run_batch(config, clips, root, runner, config_dir=config_dir, on_clip=results.append)
-    except KeyboardInterrupt:
+    results = run_batch(config, clips, root, runner, config_dir=config_dir)
+    if any(r.status == "interrupted" for r in results):
         print(f"\ninterrupted. Finished work is kept; run `{hint}` again to continue (finished clips are skipped).", file=sys.stderr)
-        _print_summary(root)
+        print(format_summary(results))
         return 130
     print()
-    _print_summary(root)
+    print(format_summary(results))
     print(f"(also in {os.path.join(root, BATCH_FILE)})")
     return 0 if all(r.status == "done" for r in results) else 1
-
-
-def _print_summary(root: str) -> None:
-    import json
-
-    from .pipelines.batch import BATCH_FILE, ClipResult, format_summary
-
-    with open(os.path.join(root, BATCH_FILE), encoding="utf-8") as f:
-        print(format_summary([ClipResult(**r) for r in json.load(f)["clips"]]))
 
 
 def cmd_run(args: argparse.Namespace) -> int:

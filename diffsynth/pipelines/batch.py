@@ -82,12 +82,11 @@ def clip_config(config: dict, clip: str, out: str) -> dict:
     return config
 
 
-def run_batch(config: dict, clips: list[str], root: str, runner, config_dir: str | None = None,
-              on_clip=None) -> list[ClipResult]:
+def run_batch(config: dict, clips: list[str], root: str, runner, config_dir: str | None = None) -> list[ClipResult]:
     """Render every clip with ``runner`` (an ``SDVideoPipelineRunner`` that keeps its models loaded); returns the results.
 
-    ``on_clip(result)`` is called after each clip. Ctrl-C stops the batch (the clip being rendered keeps its
-    finished work; a rerun continues); the summary then marks it interrupted and the rest not run.
+    Ctrl-C stops the batch (the clip being rendered keeps its finished work; a rerun continues): that clip's
+    result is ``interrupted``, the rest ``not run``, and the results are returned as they stand.
     """
     from .preflight import PreflightError
     from .runner import RunError
@@ -105,7 +104,7 @@ def run_batch(config: dict, clips: list[str], root: str, runner, config_dir: str
                 frames = runner.run(clip_config(config, clip, result.out), config_dir=config_dir)
             except KeyboardInterrupt:
                 result.status, result.seconds = "interrupted", time.monotonic() - began
-                raise
+                break
             except (RunError, PreflightError, ValueError, OSError) as exc:  # this clip's problem: the next one starts
                 result.status = "failed"
                 # the summary's one line: the checks' problems themselves (their remedies are in the log above)
@@ -115,8 +114,6 @@ def run_batch(config: dict, clips: list[str], root: str, runner, config_dir: str
                 result.status, result.frames = "done", len(frames)
             result.seconds = time.monotonic() - began
             _save(root, results)
-            if on_clip is not None:
-                on_clip(result)
     finally:
         _save(root, results)
         runner.release_models()
